@@ -23,7 +23,7 @@ from torch import nn
 
 from retrofit.methods import Method, register_method
 from retrofit.methods.drllm.config import ACTIONS, EXECUTE, REPEAT, SKIP, DrLLMConfig, validate_plan
-from retrofit.methods.drllm.router import RouterBank, window_means
+from retrofit.methods.drllm.router import RouterBank, window_matrix, window_means
 
 __all__ = ["DrLLM", "DrLLMConfig", "ACTIONS", "window_means", "RouterBank"]
 
@@ -31,13 +31,14 @@ __all__ = ["DrLLM", "DrLLMConfig", "ACTIONS", "window_means", "RouterBank"]
 class _StepState:
     """What one forward call of the inner decoder needs: the actions per row and the next free cache slot."""
 
-    __slots__ = ("actions", "slot", "deciding", "mask", "capture", "cache")
+    __slots__ = ("actions", "slot", "deciding", "mask", "pool", "capture", "cache")
 
     def __init__(self):
         self.actions: torch.Tensor | None = None  # [B, L] long
         self.slot = 0
         self.deciding = False
         self.mask = None
+        self.pool = None  # (averaging matrix [B, W, T], valid [B, W]) for this prefill, built once
         self.capture: list | None = None
         self.cache = None
 
@@ -158,6 +159,7 @@ class DrLLM(Method):
             st.mask = kwargs.get("attention_mask")
             if st.mask is not None and (st.mask.dim() != 2 or st.mask.shape[-1] != ref.shape[1]):
                 st.mask = None  # not a plain padding mask: pool over every token
+            st.pool = None
             self._plans = acts
             self._cache_ref = weakref.ref(pkv) if pkv is not None else None
             self._new_request = True
@@ -189,16 +191,23 @@ class DrLLM(Method):
     # ---------------------------------------------------------------- the layer wrapper
     def _decide(self, i: int, hidden: torch.Tensor):
         st = self._step
-        means, valid = window_means(hidden, st.mask, self.config.num_windows)
+        if st.pool is None or st.pool[0].shape[-1] != hidden.shape[1]:
+            mask = st.mask if st.mask is not None else torch.ones(hidden.shape[:2], dtype=torch.long)
+            st.pool = window_matrix(mask.to(hidden.device), self.config.num_windows)
+        A, valid = st.pool
+        means = torch.bmm(A, hidden.to(torch.float32))
         if st.capture is not None:
             st.capture.append((means, valid))
         if not st.deciding:
             return
         with torch.no_grad():
             logits = self.routers[i](means, valid)
-        bias = torch.tensor([self.config.skip_bias, 0.0, self.config.repeat_bias], device=logits.device)
-        logits = logits + bias
-        if not self.config.allow_repeat:
+        cfg = self.config
+        if cfg.skip_bias:
+            logits[..., SKIP] += cfg.skip_bias
+        if cfg.repeat_bias:
+            logits[..., REPEAT] += cfg.repeat_bias
+        if not cfg.allow_repeat:
             logits[..., REPEAT] = float("-inf")
         st.actions[:, i] = logits.argmax(-1).to(st.actions.device)
 

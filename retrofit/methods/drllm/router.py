@@ -6,6 +6,22 @@ import torch
 from torch import nn
 
 
+def window_matrix(mask: torch.Tensor, num_windows: int, dtype=torch.float32):
+    """Averaging weights A [B, W, T] with A @ hidden = window means (see :func:`window_means`), and validity [B, W].
+
+    The same for every layer of one prefill, so the runtime builds it once per request batch.
+    """
+    mask = mask.long()
+    B, T = mask.shape
+    n = mask.sum(1, keepdim=True).clamp(min=1)
+    rank = mask.cumsum(1) - 1
+    wid = torch.div(rank.clamp(min=0) * num_windows, n, rounding_mode="floor").clamp(max=num_windows - 1)
+    onehot = torch.nn.functional.one_hot(wid, num_windows).to(dtype) * mask.unsqueeze(-1).to(dtype)  # [B, T, W]
+    counts = onehot.sum(1)  # [B, W]
+    A = (onehot / counts.clamp(min=1).unsqueeze(1)).transpose(1, 2).contiguous()
+    return A, counts > 0
+
+
 def window_means(hidden: torch.Tensor, mask: torch.Tensor | None, num_windows: int):
     """Split each row's real tokens into ``num_windows`` nearly equal windows and average each.
 
@@ -44,7 +60,9 @@ class Router(nn.Module):
 
     def forward(self, means: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Window means [..., W, d] + validity [..., W] -> logits [..., 3] averaged over valid windows."""
-        logits = self.fc2(nn.functional.gelu(self.fc1(means), approximate="tanh"))
+        F = nn.functional
+        logits = F.linear(F.gelu(F.linear(means, self.fc1.weight, self.fc1.bias), approximate="tanh"),
+                          self.fc2.weight, self.fc2.bias)
         v = valid.to(logits.dtype).unsqueeze(-1)
         return (logits * v).sum(-2) / v.sum(-2).clamp(min=1)
 

@@ -179,40 +179,45 @@ def routed_topk_torch(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, head_id
     h = H if head_idx is None else head_idx.shape[1]
     chunk = chunk or _chunk_rows(h, T)
     out = torch.empty(S, kk, dtype=torch.long, device=q.device)
+    ar = torch.arange(T, device=q.device)
+    wpos = wf * scale  # ReLU(scale * x) = scale * ReLU(x) for scale > 0: fold the scale into the weights
     for r0 in range(0, S, chunk):
         r1 = min(S, r0 + chunk)
         c = r1 - r0
+        qmin = int(qpos[r0:r1].min())
         Tc = max(int(qpos[r0:r1].max()) + 1, kk)
         kc = kf[:Tc]
         if head_idx is None:
-            qs, ws = qf[r0:r1], wf[r0:r1]
+            qs, ws = qf[r0:r1], wpos[r0:r1]
         else:
             idx = head_idx[r0:r1]
             qs = torch.gather(qf[r0:r1], 1, idx[..., None].expand(c, h, D))
-            ws = torch.gather(wf[r0:r1], 1, idx)
-        sc = torch.matmul(qs.reshape(c * h, D), kc.t())
-        sc.mul_(scale).relu_()
+            ws = torch.gather(wpos[r0:r1], 1, idx)
+        sc = torch.matmul(qs.reshape(c * h, D), kc.t()).relu_()
         scores = torch.bmm(ws.unsqueeze(1), sc.view(c, h, Tc)).squeeze(1)  # [c, Tc]
-        vis = torch.arange(Tc, device=q.device)[None, :] <= qpos[r0:r1, None]
+        del sc
+        lo = max(qmin + 1, 0)  # keys before every query's position are visible to the whole chunk
+        if lo < Tc:
+            tail = scores[:, lo:]
+            tail.masked_fill_(ar[None, lo:Tc] > qpos[r0:r1, None], float("-inf"))
         if valid is not None:
-            vis = vis & valid[r0:r1, :Tc]
-        scores.masked_fill_(~vis, float("-inf"))
+            scores.masked_fill_(~valid[r0:r1, :Tc], float("-inf"))
         if candidates is not None and head_idx is not None and candidates < Tc:
-            cand = scores.topk(candidates, dim=-1)
+            cand = scores.topk(candidates, dim=-1, sorted=False)
             kc_sel = kc[cand.indices]  # [c, k', D]
-            full = torch.bmm(kc_sel, qf[r0:r1].transpose(1, 2))  # [c, k', H]
-            full.mul_(scale).relu_()
-            rescored = torch.bmm(full, wf[r0:r1].unsqueeze(-1)).squeeze(-1)  # [c, k']
+            full = torch.bmm(kc_sel, qf[r0:r1].transpose(1, 2)).relu_()  # [c, k', H]
+            rescored = torch.bmm(full, wpos[r0:r1].unsqueeze(-1)).squeeze(-1)  # [c, k']
             rescored.masked_fill_(torch.isinf(cand.values), float("-inf"))
-            sel = rescored.topk(kk, dim=-1).indices
+            sel = rescored.topk(kk, dim=-1, sorted=False).indices
             out[r0:r1] = torch.gather(cand.indices, 1, sel)
         elif candidates is not None and head_idx is not None:
             # every visible key is a candidate: the re-score with all heads is the dense score
-            sc = torch.matmul(qf[r0:r1].reshape(c * H, D), kc.t()).mul_(scale).relu_()
-            scores = torch.bmm(wf[r0:r1].unsqueeze(1), sc.view(c, H, Tc)).squeeze(1).masked_fill_(~vis, float("-inf"))
-            out[r0:r1] = scores.topk(kk, dim=-1).indices
+            sc = torch.matmul(qf[r0:r1].reshape(c * H, D), kc.t()).relu_()
+            scores2 = torch.bmm(wpos[r0:r1].unsqueeze(1), sc.view(c, H, Tc)).squeeze(1)
+            scores2.masked_fill_(torch.isinf(scores), float("-inf"))
+            out[r0:r1] = scores2.topk(kk, dim=-1, sorted=False).indices
         else:
-            out[r0:r1] = scores.topk(kk, dim=-1).indices
+            out[r0:r1] = scores.topk(kk, dim=-1, sorted=False).indices
     return out
 
 
@@ -292,12 +297,13 @@ def _use_triton(t: torch.Tensor, kernel: str) -> bool:
 
 
 def routed_topk(q, w, k, head_idx, qpos, topk, scale, valid=None, candidates=None, kernel: str = "auto",
-                ieee: bool = True) -> torch.Tensor:
+                ieee: bool = True, chunk: int | None = None) -> torch.Tensor:
     """Top-k keys per query with the given heads (None = all). Triton on CUDA when available, else torch."""
     T = k.shape[0]
     kk = min(topk, T)
     if not _use_triton(q, kernel):
-        return routed_topk_torch(q, w, k, head_idx, qpos, topk, scale, valid=valid, candidates=candidates)
+        return routed_topk_torch(q, w, k, head_idx, qpos, topk, scale, valid=valid, candidates=candidates,
+                                 chunk=chunk)
     scores = routed_scores_triton(q, w, k, head_idx, qpos, scale, ieee=ieee)
     if valid is not None:
         scores.masked_fill_(~valid, float("-inf"))
@@ -313,7 +319,7 @@ def routed_topk(q, w, k, head_idx, qpos, topk, scale, valid=None, candidates=Non
 
 
 def misa_topk(q, w, k, qpos, topk, scale, active_heads=8, block_size=1024, hierarchical=False, candidates=8192,
-              valid=None, key_valid=None, kernel="auto", ieee=True):
+              valid=None, key_valid=None, kernel="auto", ieee=True, chunk=None):
     """MISA (or MISA-dagger with ``hierarchical``) top-k selection for one sequence; returns (indices, head_idx)."""
     H = q.shape[1]
     if active_heads >= H:
@@ -322,13 +328,13 @@ def misa_topk(q, w, k, qpos, topk, scale, active_heads=8, block_size=1024, hiera
         E = head_scores(q, w, k, qpos, block_size, scale, key_valid=key_valid)
         head_idx = route_heads(E, active_heads)
     idx = routed_topk(q, w, k, head_idx, qpos, topk, scale, valid=valid,
-                      candidates=candidates if hierarchical else None, kernel=kernel, ieee=ieee)
+                      candidates=candidates if hierarchical else None, kernel=kernel, ieee=ieee, chunk=chunk)
     return idx, head_idx
 
 
-def dense_topk(q, w, k, qpos, topk, scale, valid=None, kernel="auto", ieee=True):
+def dense_topk(q, w, k, qpos, topk, scale, valid=None, kernel="auto", ieee=True, chunk=None):
     """The dense DSA indexer's top-k (all heads) through the same code path."""
-    return routed_topk(q, w, k, None, qpos, topk, scale, valid=valid, kernel=kernel, ieee=ieee)
+    return routed_topk(q, w, k, None, qpos, topk, scale, valid=valid, kernel=kernel, ieee=ieee, chunk=chunk)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -69,13 +69,16 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor 
 
 
 def read_searches(paths) -> list[dict]:
-    """Records from search JSONL files; malformed lines are reported with file and line."""
+    """Records from search JSONL files (``.jsonl`` or ``.jsonl.gz``); malformed lines are reported with file and line."""
+    import gzip
+
     recs = []
     for path in paths:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"search results {path} not found (write them with `retrofit search`)")
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:

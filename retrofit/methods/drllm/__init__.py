@@ -76,7 +76,7 @@ class DrLLM(Method):
                 from retrofit.artifacts import ArtifactError
 
                 raise ArtifactError(f"router tensors do not match this model/config: {e}") from e
-            self.routers = bank.eval()
+            self.routers = bank.to(next(self.model.parameters()).device).eval()
         decoder = self.adapter.decoder(self.model)
         self._hooks.append(decoder.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
         self._hooks.append(decoder.register_forward_hook(self._post_hook))
@@ -105,7 +105,8 @@ class DrLLM(Method):
         """Fresh (untrained) routers, e.g. to train them; Xavier-uniform weights, zero biases."""
         if seed is not None:
             torch.manual_seed(seed)
-        self.routers = RouterBank(self.num_layers, self.hidden_size, self.config.bottleneck)
+        bank = RouterBank(self.num_layers, self.hidden_size, self.config.bottleneck)
+        self.routers = bank.to(next(self.model.parameters()).device)
         return self.routers
 
     # ---------------------------------------------------------------- plans

@@ -21,6 +21,7 @@ def register(app: typer.Typer) -> None:
         windows: int = typer.Option(8, help="pooling windows per prompt"),
         bottleneck: int = typer.Option(128, help="router MLP width"),
         seed: int = typer.Option(0),
+        device: str = typer.Option("cpu", help="where features are collected and routers trained (cpu, cuda)"),
     ):
         """Train per-layer Dr.LLM routers on searched plans (focal loss, class-balanced, teacher forcing)."""
         from retrofit.methods.drllm.train import TrainConfig, train_from_searches
@@ -29,6 +30,7 @@ def register(app: typer.Typer) -> None:
         files = sorted({f for pat in searches for f in (glob.glob(pat) or [pat])})
         cfg = TrainConfig(lr=lr, batch_size=batch_size, epochs=epochs, gamma=gamma, seed=seed)
         m, tok = load_model(model)
+        m.to(device)
         rep = train_from_searches(m, tok, files, out, cfg, num_windows=windows, bottleneck=bottleneck)
         last = rep["history"][-1]
         typer.echo(f"trained on {rep['train_examples']} examples ({rep['val_examples']} validation), "

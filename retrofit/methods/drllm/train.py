@@ -101,7 +101,7 @@ def collect(handle, tokenizer, records, progress: bool = True):
 
     feats, valids, labels = [], [], []
     for r in tqdm(records, desc="features (teacher forcing)", disable=not progress):
-        ids = tokenizer(r["prompt"], return_tensors="pt").input_ids
+        ids = tokenizer(r["prompt"], return_tensors="pt").input_ids.to(handle.model.device)
         f, v = handle.collect_features(ids, plan=r["plan"])
         feats.append(f[0])
         valids.append(v[0])
@@ -118,11 +118,12 @@ def train_routers(handle, features, valid, labels, cfg: TrainConfig, progress: b
     perm = torch.randperm(N, generator=g)
     n_val = int(round(N * cfg.val_fraction)) if N >= 10 else 0
     val_idx, tr_idx = perm[:n_val], perm[n_val:]
-    counts = torch.bincount(labels[tr_idx].flatten(), minlength=3)
+    counts = torch.bincount(labels[tr_idx].flatten().cpu(), minlength=3)
     weight = class_weights(counts, cfg.beta)
     if handle.routers is None:
         handle.init_routers(seed=cfg.seed)
-    routers = handle.routers.train()
+    routers = handle.routers.to(features.device).train()
+    labels = labels.to(features.device)
     for p in routers.parameters():
         p.requires_grad_(True)
     base_params = [p for p in handle.model.parameters()]
@@ -153,7 +154,7 @@ def train_routers(handle, features, valid, labels, cfg: TrainConfig, progress: b
         rng.shuffle(order)
         losses = []
         for s in range(0, len(order), cfg.batch_size):
-            b = torch.tensor(order[s:s + cfg.batch_size])
+            b = torch.tensor(order[s:s + cfg.batch_size], device=features.device)
             lg = routers(features[b], valid[b])
             loss = focal_loss(lg.reshape(-1, 3), labels[b].reshape(-1), weight, cfg.gamma)
             if not torch.isfinite(loss):
@@ -186,7 +187,7 @@ def train_routers(handle, features, valid, labels, cfg: TrainConfig, progress: b
         "examples": N,
         "train_examples": len(tr_idx),
         "val_examples": n_val,
-        "label_counts": {a: int(c) for a, c in zip(ACTIONS, torch.bincount(labels.flatten(), minlength=3))},
+        "label_counts": {a: int(c) for a, c in zip(ACTIONS, torch.bincount(labels.flatten().cpu(), minlength=3))},
         "class_weights": weight.tolist(),
         "history": history,
         "best_epoch": min(range(len(history)), key=lambda i: (history[i]["val_loss"] if history[i]["val_loss"]

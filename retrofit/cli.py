@@ -22,6 +22,7 @@ _COMMAND_MODULES = [
     "retrofit.methods.roma.cli",  # retrofit roma
     "retrofit.methods.misa.cli",  # retrofit misa ...
     "retrofit.serve.cli",         # retrofit serve
+    "retrofit.pipeline",          # retrofit pipeline (the main job)
 ]
 
 
@@ -43,8 +44,15 @@ def info():
     typer.echo("families: " + ", ".join(retrofit.supported_families()))
 
 
+def _has(mod: str) -> bool:
+    try:
+        return importlib.util.find_spec(mod) is not None
+    except ModuleNotFoundError:  # parent package absent
+        return False
+
+
 for _mod in _COMMAND_MODULES:
-    if importlib.util.find_spec(_mod.rsplit(".", 1)[0]) is not None and importlib.util.find_spec(_mod) is not None:
+    if _has(_mod):
         importlib.import_module(_mod).register(app)
 
 

@@ -131,7 +131,7 @@ class ArchAdapter:
 
     def call_layer(self, layer: nn.Module, hidden_states: torch.Tensor, layer_kwargs: dict) -> torch.Tensor:
         out = layer(hidden_states, **layer_kwargs)
-        return out[0] if isinstance(out, tuple) else out
+        return out[0] if isinstance(out, tuple) else out  # (GLM-MoE-DSA: the indexer pass-through is dropped)
 
     def head(self, model: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: logits from the last hidden states."""
@@ -188,6 +188,8 @@ register_adapter(ArchAdapter("deepseek_v3", ("deepseek_v3",), moe_path="mlp", ga
 register_adapter(ArchAdapter("deepseek_v32", ("deepseek_v32",), moe_path="mlp", gate_scoring="sigmoid_grouped",
                              indexer_path="self_attn.indexer",
                              extra={"mask_kwargs": {"allow_is_causal_skip": False}}))
+# GLM-MoE-DSA layers return (hidden, topk_indices) and take the previous layer's as `prev_topk_indices`.
 register_adapter(ArchAdapter("glm_moe_dsa", ("glm_moe_dsa",), moe_path="mlp", gate_scoring="sigmoid_grouped",
                              indexer_path="self_attn.indexer",
-                             extra={"mask_kwargs": {"allow_is_causal_skip": False}}))
+                             extra={"mask_kwargs": {"allow_is_causal_skip": False},
+                                    "layer_passthrough": "prev_topk_indices"}))

@@ -1,0 +1,39 @@
+"""`retrofit train`: Dr.LLM routers from search results."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("train")
+    def train(
+        searches: list[str] = typer.Option(..., "--searches", help="search JSONL files or globs (retrofit search)"),
+        out: Path = typer.Option(..., "--out", help="folder for the router artifact"),
+        model: str = typer.Option("default", "--model", help="'default' (SmolLM2-135M-Instruct) or a local folder"),
+        epochs: int = typer.Option(25, help="maximum epochs (early stopping on the validation loss)"),
+        lr: float = typer.Option(1e-3),
+        batch_size: int = typer.Option(16),
+        gamma: float = typer.Option(2.0, help="focal-loss gamma"),
+        windows: int = typer.Option(8, help="pooling windows per prompt"),
+        bottleneck: int = typer.Option(128, help="router MLP width"),
+        seed: int = typer.Option(0),
+    ):
+        """Train per-layer Dr.LLM routers on searched plans (focal loss, class-balanced, teacher forcing)."""
+        from retrofit.methods.drllm.train import TrainConfig, train_from_searches
+        from retrofit.models import load_model
+
+        files = sorted({f for pat in searches for f in (glob.glob(pat) or [pat])})
+        cfg = TrainConfig(lr=lr, batch_size=batch_size, epochs=epochs, gamma=gamma, seed=seed)
+        m, tok = load_model(model)
+        rep = train_from_searches(m, tok, files, out, cfg, num_windows=windows, bottleneck=bottleneck)
+        last = rep["history"][-1]
+        typer.echo(f"trained on {rep['train_examples']} examples ({rep['val_examples']} validation), "
+                   f"{len(rep['history'])} epochs; best epoch {rep['best_epoch']}; "
+                   f"final train loss {last['train_loss']:.4f}, val loss {last['val_loss']}; "
+                   f"predicted layer fraction {rep['predicted_layer_fraction']:.3f} "
+                   f"(labels {rep['label_layer_fraction']:.3f})")
+        typer.echo(f"routers saved to {out}")

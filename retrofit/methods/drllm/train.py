@@ -1,0 +1,227 @@
+"""Training Dr.LLM routers on searched plans (teacher forcing, focal loss with class-balanced weights).
+
+As in the paper: only the routers train; the blocks run by the label plan while the features are collected
+(teacher forcing), so each example's window means are computed once and the routers train on them without
+running the model again. Loss: focal loss (gamma 2) with class weights from effective numbers (beta 0.999);
+AdamW lr 1e-3, weight decay 0.01, cosine schedule with warm-up, batch 16, up to 25 epochs. Departure: the
+warm-up is min(500, 10% of all steps), since our searches have hundreds, not thousands, of examples; a
+validation split with early stopping on its loss is added.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from retrofit.methods.drllm.config import ACTIONS
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    batch_size: int = 16
+    epochs: int = 25
+    warmup_steps: int = 500
+    gamma: float = 2.0
+    beta: float = 0.999
+    val_fraction: float = 0.1
+    patience: int = 5
+    seed: int = 0
+    only_correct: bool = True  # drop examples whose search found no correct plan (as the paper does)
+
+    def __post_init__(self):
+        checks = {
+            "lr": self.lr > 0, "weight_decay": self.weight_decay >= 0, "batch_size": self.batch_size >= 1,
+            "epochs": self.epochs >= 1, "warmup_steps": self.warmup_steps >= 0, "gamma": self.gamma >= 0,
+            "beta": 0 <= self.beta < 1, "val_fraction": 0 <= self.val_fraction < 1, "patience": self.patience >= 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(f"invalid training option(s) {bad}: {asdict(self)}")
+
+
+def class_weights(counts: torch.Tensor, beta: float = 0.999) -> torch.Tensor:
+    """Class-balanced weights from effective numbers (Cui et al. 2019): w_c ∝ (1 - β) / (1 - β^n_c),
+    normalised to sum to the number of classes present; absent classes get weight 0."""
+    counts = counts.to(torch.float64)
+    present = counts > 0
+    eff = torch.where(present, (1 - beta ** counts) / (1 - beta), torch.ones_like(counts))
+    w = torch.where(present, 1.0 / eff, torch.zeros_like(counts))
+    w = w * present.sum() / w.sum()
+    return w.to(torch.float32)
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+               gamma: float = 2.0) -> torch.Tensor:
+    """Mean over items of -w_y (1 - p_y)^gamma log p_y. logits [N, C], target [N]."""
+    logp = torch.log_softmax(logits.float(), -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    loss = -((1 - logp.exp()) ** gamma) * logp
+    if weight is not None:
+        loss = loss * weight.to(loss.device)[target]
+    return loss.mean()
+
+
+def read_searches(paths) -> list[dict]:
+    """Records from search JSONL files (``.jsonl`` or ``.jsonl.gz``); malformed lines are reported with file and line."""
+    import gzip
+
+    recs = []
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"search results {path} not found (write them with `retrofit search`)")
+        text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
+            missing = [k for k in ("prompt", "plan") if k not in r]
+            if missing:
+                raise ValueError(f"{path}:{n}: record lacks {missing}; expected `retrofit search` output")
+            if any(a not in ACTIONS for a in r["plan"]):
+                raise ValueError(f"{path}:{n}: plan holds actions other than {ACTIONS}")
+            recs.append(r)
+    return recs
+
+
+@torch.no_grad()
+def collect(handle, tokenizer, records, progress: bool = True):
+    """Teacher-forced window means per example: features [N, L, W, d], valid [N, L, W], labels [N, L]."""
+    from tqdm.auto import tqdm
+
+    feats, valids, labels = [], [], []
+    for r in tqdm(records, desc="features (teacher forcing)", disable=not progress):
+        ids = tokenizer(r["prompt"], return_tensors="pt").input_ids
+        f, v = handle.collect_features(ids, plan=r["plan"])
+        feats.append(f[0])
+        valids.append(v[0])
+        labels.append(torch.tensor([ACTIONS.index(a) for a in r["plan"]]))
+    return torch.stack(feats), torch.stack(valids), torch.stack(labels)
+
+
+def train_routers(handle, features, valid, labels, cfg: TrainConfig, progress: bool = True) -> dict:
+    """Train ``handle.routers`` in place on collected features. Returns the training report."""
+    from tqdm.auto import tqdm
+
+    g = torch.Generator().manual_seed(cfg.seed)
+    N = features.shape[0]
+    perm = torch.randperm(N, generator=g)
+    n_val = int(round(N * cfg.val_fraction)) if N >= 10 else 0
+    val_idx, tr_idx = perm[:n_val], perm[n_val:]
+    counts = torch.bincount(labels[tr_idx].flatten(), minlength=3)
+    weight = class_weights(counts, cfg.beta)
+    if handle.routers is None:
+        handle.init_routers(seed=cfg.seed)
+    routers = handle.routers.train()
+    for p in routers.parameters():
+        p.requires_grad_(True)
+    base_params = [p for p in handle.model.parameters()]
+    assert not any(p.requires_grad for p in base_params), "the base model must stay frozen"
+    opt = torch.optim.AdamW(routers.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, math.ceil(len(tr_idx) / cfg.batch_size))
+    total = steps_per_epoch * cfg.epochs
+    warm = min(cfg.warmup_steps, max(1, total // 10))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+
+    def evaluate(idx):
+        if len(idx) == 0:
+            return None, None
+        routers.eval()
+        with torch.no_grad():
+            lg = routers(features[idx], valid[idx])
+            loss = focal_loss(lg.reshape(-1, 3), labels[idx].reshape(-1), weight, cfg.gamma).item()
+            acc = (lg.argmax(-1) == labels[idx]).float().mean().item()
+        routers.train()
+        return loss, acc
+
+    history, best, best_state, bad = [], float("inf"), None, 0
+    rng = random.Random(cfg.seed)
+    bar = tqdm(range(cfg.epochs), desc="router training", disable=not progress)
+    for epoch in bar:
+        order = tr_idx.tolist()
+        rng.shuffle(order)
+        losses = []
+        for s in range(0, len(order), cfg.batch_size):
+            b = torch.tensor(order[s:s + cfg.batch_size])
+            lg = routers(features[b], valid[b])
+            loss = focal_loss(lg.reshape(-1, 3), labels[b].reshape(-1), weight, cfg.gamma)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"router loss became {loss.item()} at epoch {epoch}; lower the lr")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+        tr_loss, tr_acc = evaluate(tr_idx)
+        val_loss, val_acc = evaluate(val_idx)
+        history.append({"epoch": epoch, "train_loss": tr_loss, "train_acc": tr_acc,
+                        "val_loss": val_loss, "val_acc": val_acc, "mean_batch_loss": sum(losses) / len(losses)})
+        bar.set_postfix(train=f"{tr_loss:.4f}", val=f"{val_loss:.4f}" if val_loss is not None else "-")
+        crit = val_loss if val_loss is not None else tr_loss
+        if crit < best - 1e-6:
+            best, bad = crit, 0
+            best_state = {k: v.detach().clone() for k, v in routers.state_dict().items()}
+        else:
+            bad += 1
+            if bad >= cfg.patience:
+                break
+    if best_state is not None:
+        routers.load_state_dict(best_state)
+    routers.eval().requires_grad_(False)
+    with torch.no_grad():
+        pred = routers(features, valid).argmax(-1)
+    return {
+        "config": asdict(cfg),
+        "examples": N,
+        "train_examples": len(tr_idx),
+        "val_examples": n_val,
+        "label_counts": {a: int(c) for a, c in zip(ACTIONS, torch.bincount(labels.flatten(), minlength=3))},
+        "class_weights": weight.tolist(),
+        "history": history,
+        "best_epoch": min(range(len(history)), key=lambda i: (history[i]["val_loss"] if history[i]["val_loss"]
+                                                             is not None else history[i]["train_loss"])),
+        "predicted_layer_fraction": float(((pred == 1).sum() + 2 * (pred == 2).sum()) / pred.numel()),
+        "label_layer_fraction": float(((labels == 1).sum() + 2 * (labels == 2).sum()) / labels.numel()),
+    }
+
+
+def train_from_searches(model, tokenizer, search_files, out_dir, cfg: TrainConfig | None = None,
+                        num_windows: int = 8, bottleneck: int = 128, progress: bool = True) -> dict:
+    """Search JSONL -> trained router artifact in ``out_dir`` (+ ``training_report.json``). Returns the report."""
+    import retrofit
+    from retrofit.artifacts import fingerprint
+
+    cfg = cfg or TrainConfig()
+    records = read_searches(search_files)
+    if cfg.only_correct:
+        kept = [r for r in records if r.get("correct", True)]
+    else:
+        kept = records
+    if not kept:
+        raise ValueError(f"no usable examples in {list(map(str, search_files))} (none has a correct plan)")
+    before = fingerprint(model)
+    handle = retrofit.attach(model, "drllm", num_windows=num_windows, bottleneck=bottleneck)
+    try:
+        feats, valid, labels = collect(handle, tokenizer, kept, progress)
+        if labels.shape[1] != handle.num_layers:
+            raise ValueError(f"the searched plans have {labels.shape[1]} layers, the model {handle.num_layers}")
+        report = train_routers(handle, feats, valid, labels, cfg, progress)
+        report["search_files"] = [str(p) for p in search_files]
+        report["records_read"] = len(records)
+        handle.save(out_dir)
+    finally:
+        handle.detach()
+    assert fingerprint(model) == before, "base model weights changed during router training"
+    Path(out_dir, "training_report.json").write_text(json.dumps(report, indent=2))
+    return report

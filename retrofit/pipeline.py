@@ -1,0 +1,103 @@
+"""`retrofit pipeline`: the main job end to end on the embedded default model.
+
+MCTS search on an ARC-Easy training slice -> Dr.LLM router training -> lm-eval on an ARC-Easy test slice for
+the base model, the Dr.LLM routers and static pruning at equal compute -> a table and plots. Every stage
+writes its results into ``--workdir`` as it goes and a re-run resumes (the search skips finished examples,
+training is redone only when its artifact is missing, evaluation skips finished runs).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+
+
+def run_pipeline(workdir: Path, train_examples: int = 32, test_examples: int = 100, simulations: int = 16,
+                 seed: int = 0, task: str = "arc_easy", eval_task: str = "arc_easy", epochs: int = 25,
+                 model_name: str = "default", batch_size: int = 16) -> dict:
+    from retrofit.eval.plots import plot_action_heatmap, plot_accuracy_vs_layers
+    from retrofit.eval.runner import evaluate
+    from retrofit.eval.static_prune import plan_from_scores, block_influence, calibration_texts
+    from retrofit.methods.drllm.train import TrainConfig, train_from_searches
+    from retrofit.models import load_model
+    from retrofit.search.mcts import MCTSConfig
+    from retrofit.search.run import format_summary, search_examples, summarize
+    from retrofit.search.tasks import load_task
+
+    workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    model, tok = load_model(model_name)
+    L = model.config.num_hidden_layers
+
+    typer.echo(f"[1/4] MCTS search: {train_examples} {task} train questions, {simulations} simulations each")
+    examples = load_task(task, split="train", limit=train_examples)
+    records = search_examples(model, tok, examples, workdir / "search.jsonl", cfg=MCTSConfig(simulations=simulations),
+                              seed=seed, task=task, split="train")
+    typer.echo(format_summary(summarize(records)))
+
+    routers = workdir / "routers"
+    typer.echo("[2/4] training Dr.LLM routers on the searched plans")
+    if not (routers / "retrofit.json").is_file():
+        rep = train_from_searches(model, tok, [workdir / "search.jsonl"], routers, TrainConfig(epochs=epochs, seed=seed))
+    else:
+        rep = json.loads((routers / "training_report.json").read_text())
+    typer.echo(f"      {rep['train_examples']} train / {rep['val_examples']} val examples, "
+               f"{len(rep['history'])} epochs, label layer fraction {rep['label_layer_fraction']:.3f}")
+
+    ev_dir = workdir / "eval"
+    common = dict(tasks=[eval_task], model=model_name, limit=test_examples, batch_size=batch_size, out=ev_dir)
+    typer.echo(f"[3/4] lm-eval on {test_examples} {eval_task} test questions: base, Dr.LLM, static pruning")
+    from retrofit.eval.lm_eval_model import RetrofitLM
+
+    base = evaluate(**common, method=None, name="base", lm=RetrofitLM(pretrained=(model, tok), batch_size=batch_size))
+    drllm = evaluate(**common, method="drllm", routers=str(routers), name="drllm",
+                     lm=RetrofitLM(pretrained=(model, tok), method="drllm", routers=str(routers),
+                                   batch_size=batch_size))
+    task_key = next(iter(drllm["tasks"]))
+    d = drllm["tasks"][task_key]
+    k = max(1, round(L - d["mean_layers_executed"]))
+    texts = calibration_texts(num_samples=32, seed=seed)
+    plan = plan_from_scores(block_influence(model, tok, texts, progress=False), k)
+    static = evaluate(**common, method="drllm", config={"plan": plan}, name=f"static_prune_{k}",
+                      lm=RetrofitLM(pretrained=(model, tok), method="drllm", plan=plan, batch_size=batch_size))
+    runs = [base, static, drllm]
+
+    typer.echo("[4/4] report")
+    plots = [plot_accuracy_vs_layers(runs, task_key, workdir / "accuracy_vs_layers.png"),
+             plot_action_heatmap(d["action_counts"], workdir / "drllm_actions.png",
+                                 title=f"Dr.LLM actions per layer on {task_key}")]
+    rows = []
+    for r in runs:
+        e = r["tasks"][task_key]
+        rows.append({"run": r["run"], "acc": e.get("acc"), "acc_norm": e.get("acc_norm"),
+                     "mean_layers_executed": e["mean_layers_executed"], "layer_fraction": e["layer_fraction"],
+                     "n": e.get("n")})
+    lines = [f"{'run':<22}{'acc':>8}{'acc_norm':>10}{'layers':>9}{'fraction':>10}{'n':>6}"]
+    for r in rows:
+        lines.append(f"{r['run']:<22}{r['acc']:>8.3f}{r['acc_norm']:>10.3f}{r['mean_layers_executed']:>9.2f}"
+                     f"{r['layer_fraction']:>10.3f}{r['n']:>6}")
+    table = "\n".join(lines)
+    typer.echo(table)
+    summary = {"task": task_key, "rows": rows, "plots": [str(p) for p in plots],
+               "search": summarize(records), "seconds": round(time.time() - t0, 1)}
+    (workdir / "summary.json").write_text(json.dumps(summary, indent=2))
+    typer.echo(f"plots: {', '.join(map(str, plots))}; summary: {workdir / 'summary.json'} "
+               f"({summary['seconds']:.0f} s)")
+    return summary
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("pipeline")
+    def pipeline(
+        workdir: Path = typer.Option(Path("runs/pipeline"), help="results folder (a re-run resumes)"),
+        train_examples: int = typer.Option(32, help="ARC-Easy training questions searched"),
+        test_examples: int = typer.Option(100, help="ARC-Easy test questions evaluated"),
+        simulations: int = typer.Option(16, help="MCTS simulations per question (paper: 50)"),
+        seed: int = typer.Option(0),
+        model: str = typer.Option("default", help="'default' (SmolLM2-135M-Instruct) or a local folder"),
+    ):
+        """Search -> train -> evaluate Dr.LLM routers on the default model and a slice of ARC-Easy (minutes)."""
+        run_pipeline(workdir, train_examples, test_examples, simulations, seed, model_name=model)

@@ -1,0 +1,120 @@
+"""``retrofit search``, ``retrofit search-merge``, ``retrofit search-optuna``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _setup(threads: int):
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import torch
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("search")
+    def search(
+        task: str = typer.Option(..., help="task name (arc_easy, piqa, ..., gsm8k) or a .jsonl with question/choices/answer"),
+        out: Path = typer.Option(..., help="JSONL to append results to (resumes if it exists)"),
+        model: str = typer.Option("default", help="'default' (SmolLM2-135M-Instruct) or a local model folder"),
+        split: Optional[str] = typer.Option(None, help="data split (default: the task's evaluation split)"),
+        limit: Optional[int] = typer.Option(None, help="first N examples only"),
+        budget: str = typer.Option("1.0", help="compute budget: a fraction of the layers (0.9) or block passes (27)"),
+        simulations: int = typer.Option(50, help="MCTS simulations per example (Dr.LLM: 50)"),
+        batch: int = typer.Option(8, help="simulations evaluated together as one batch"),
+        c: float = typer.Option(1.8, help="UCB exploration constant"),
+        lam: float = typer.Option(3.0, help="UCB length penalty"),
+        p_random: float = typer.Option(0.1, help="probability of a random child during selection"),
+        rollout_skip: float = typer.Option(0.1, help="rollout policy: probability of skipping a layer"),
+        rollout_repeat: float = typer.Option(0.02, help="rollout policy: probability of repeating a layer"),
+        no_repeat: bool = typer.Option(False, help="search skip/execute only"),
+        seed: int = typer.Option(0),
+        shard: Optional[str] = typer.Option(None, help="i/n: this process takes examples k with k % n == i"),
+        max_new_tokens: int = typer.Option(256, help="generative tasks: greedy decoding length"),
+        threads: int = typer.Option(1, help="torch CPU threads (1 is fastest on a shared machine)"),
+        device: str = typer.Option("cpu"),
+        summary_json: Optional[Path] = typer.Option(None, help="also write the summary here"),
+        progress: bool = typer.Option(True),
+    ):
+        """Per-example MCTS over layer plans (skip / execute / repeat per decoder layer), Dr.LLM style."""
+        _setup(threads)
+        from retrofit.models import load_model
+
+        from .evaluator import PlanEvaluator
+        from .mcts import MCTSConfig
+        from .run import format_summary, parse_shard, search_examples, summarize
+        from .tasks import load_task
+
+        try:
+            sh = parse_shard(shard)
+            cfg = MCTSConfig(simulations=simulations, c=c, lam=lam, p_random=p_random, batch=batch,
+                             rollout_skip=rollout_skip, rollout_repeat=rollout_repeat, allow_repeat=not no_repeat)
+            examples = load_task(task, split, limit)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        m, tok = load_model(model)
+        m.to(device)
+        ev = PlanEvaluator(m, tok, max_new_tokens=max_new_tokens)
+        recs = search_examples(m, tok, examples, out, cfg=cfg, budget=budget, seed=seed, shard=sh,
+                               progress=progress, task=task, split=split, evaluator=ev)
+        s = summarize(recs)
+        typer.echo(format_summary(s))
+        if summary_json:
+            summary_json.parent.mkdir(parents=True, exist_ok=True)
+            summary_json.write_text(json.dumps(s, indent=2) + "\n")
+
+    @app.command("search-merge")
+    def search_merge(
+        inputs: list[Path] = typer.Argument(..., help="shard JSONL files"),
+        out: Path = typer.Option(..., help="merged JSONL"),
+    ):
+        """Join the JSONL files of `retrofit search --shard i/n` runs (ordered by example, duplicates checked)."""
+        from .run import format_summary, merge_files, summarize
+
+        missing = [str(p) for p in inputs if not p.exists()]
+        if missing:
+            raise typer.BadParameter(f"not found: {', '.join(missing)}")
+        recs = merge_files(inputs, out)
+        typer.echo(f"{len(recs)} examples -> {out}")
+        typer.echo(format_summary(summarize(recs)))
+
+    @app.command("search-optuna")
+    def search_optuna(
+        task: str = typer.Option(..., help="task name or .jsonl"),
+        model: str = typer.Option("default"),
+        split: Optional[str] = typer.Option(None),
+        limit: Optional[int] = typer.Option(50, help="examples scored per trial"),
+        budget: str = typer.Option("1.0", help="compute budget: fraction of layers or block passes"),
+        trials: int = typer.Option(30),
+        storage: str = typer.Option("sqlite:///runs/optuna.db", help="any SQLAlchemy URL (SQLite by default)"),
+        study_name: Optional[str] = typer.Option(None),
+        seed: int = typer.Option(0),
+        no_repeat: bool = typer.Option(False),
+        threads: int = typer.Option(1),
+        out_json: Optional[Path] = typer.Option(None, help="write the best static plan and its score here"),
+    ):
+        """optuna study of ONE static layer plan for a whole task (the baseline for per-example MCTS)."""
+        _setup(threads)
+        from retrofit.models import load_model
+
+        from .optuna_study import static_plan_study
+        from .tasks import load_task
+
+        examples = load_task(task, split, limit)
+        m, tok = load_model(model)
+        res = static_plan_study(m, tok, examples, budget=budget, n_trials=trials, storage=storage,
+                                study_name=study_name or f"static-plan-{Path(task).stem}", seed=seed,
+                                allow_repeat=not no_repeat)
+        typer.echo(json.dumps(res, indent=2))
+        if out_json:
+            out_json.parent.mkdir(parents=True, exist_ok=True)
+            out_json.write_text(json.dumps(res, indent=2) + "\n")

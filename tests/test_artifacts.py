@@ -1,0 +1,84 @@
+import json
+
+import pytest
+import torch
+
+import retrofit
+from retrofit.artifacts import CONFIG_NAME, TENSORS_NAME, ArtifactError, fingerprint, load_artifact
+from retrofit.methods.drllm import window_means
+from retrofit.testing import tiny_model
+
+
+def test_save_load_round_trip_reproduces_routers_and_decisions(tmp_path):
+    model = tiny_model("qwen2")
+    h = retrofit.attach(model, "drllm", num_windows=4, bottleneck=16, skip_bias=0.25)
+    h.init_routers(seed=5)
+    ids = torch.randint(3, 128, (3, 13))
+    with torch.no_grad():
+        logits = model(ids).logits
+    plans = h.last_plans
+    h.save(tmp_path / "r")
+    saved = {k: v.clone() for k, v in h.routers.state_dict().items()}
+    h.detach()
+    meta = json.loads((tmp_path / "r" / CONFIG_NAME).read_text())
+    assert meta["method"] == "drllm" and meta["config"]["num_windows"] == 4 and meta["base_model"] == fingerprint(model)
+    assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in (tmp_path / "r").iterdir())
+
+    h2 = retrofit.load(model, tmp_path / "r")
+    assert h2.config.skip_bias == 0.25 and h2.config.bottleneck == 16
+    loaded = h2.routers.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)
+    assert h2.last_plans == plans
+    # config overrides at load time are validated and win over the saved config
+    h2.detach()
+    assert retrofit.load(model, tmp_path / "r", skip_bias=1.0).config.skip_bias == 1.0
+
+
+def test_wrong_model_corrupt_and_bad_values_are_rejected(tmp_path):
+    model = tiny_model("llama")
+    h = retrofit.attach(model, "drllm")
+    h.init_routers(seed=0)
+    h.save(tmp_path / "r")
+    h.detach()
+    other = tiny_model("llama", seed=1)  # same shapes, other weights
+    with pytest.raises(ArtifactError, match="another base model.*weights_sha256"):
+        retrofit.load(other, tmp_path / "r")
+    with pytest.raises(ArtifactError, match="another base model.*num_layers"):
+        retrofit.load(tiny_model("llama", num_hidden_layers=3), tmp_path / "r")
+    with pytest.raises(ArtifactError, match="'drllm' artifact, not 'roma'"):
+        load_artifact(tmp_path / "r", model, method="roma")
+    with pytest.raises(ArtifactError, match="is not a retrofit artifact"):
+        retrofit.load(model, tmp_path)
+    (tmp_path / "r" / TENSORS_NAME).write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ArtifactError, match="corrupt"):
+        retrofit.load(model, tmp_path / "r")
+    (tmp_path / "r" / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(ArtifactError, match="not valid JSON"):
+        retrofit.load(model, tmp_path / "r")
+
+
+def test_nan_routers_are_rejected(tmp_path):
+    model = tiny_model("llama")
+    h = retrofit.attach(model, "drllm")
+    h.init_routers(seed=0)
+    with torch.no_grad():
+        h.routers[1].fc1.weight[0, 0] = float("nan")
+    h.save(tmp_path / "r")
+    h.detach()
+    with pytest.raises(ArtifactError, match="NaN"):
+        retrofit.load(model, tmp_path / "r")
+
+
+def test_window_means_spread_remainder_and_ignore_padding():
+    # 10 real tokens, 3 windows: sizes 4/3/3 by floor(r*3/10) -> ranks 0-3, 4-6, 7-9; the remainder is kept.
+    h = torch.arange(12, dtype=torch.float32).view(1, 12, 1)
+    mask = torch.tensor([[0, 0] + [1] * 10])
+    means, valid = window_means(h, mask, 3)
+    assert valid.all()
+    torch.testing.assert_close(means.view(-1), torch.tensor([3.5, 7.0, 10.0]))
+    # fewer tokens than windows: empty windows are marked invalid, not averaged as zeros
+    means, valid = window_means(h[:, :2], None, 4)
+    assert valid.tolist() == [[True, False, True, False]]
+    torch.testing.assert_close(means[0, valid[0], 0], torch.tensor([0.0, 1.0]))

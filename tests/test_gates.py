@@ -1,0 +1,137 @@
+import pytest
+import torch
+
+from retrofit.arch import get_adapter
+from retrofit.arch.gates import GateHook
+from retrofit.testing import DSA_FAMILIES, MOE_FAMILIES, tiny_model
+
+FAMILIES = MOE_FAMILIES + DSA_FAMILIES
+
+
+def _ids(B=2, T=7, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 128, (B, T), generator=g)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_offset_bit_identical_and_removal(family):
+    model = tiny_model(family)
+    ids = _ids()
+    gates = get_adapter(model).moe_gates(model)
+    x = torch.randn(14, model.config.hidden_size)
+    with torch.no_grad():
+        ref = model(ids).logits
+        ref_gate = [g(x) for g in gates.values()]
+    hook = GateHook.install(model)
+    assert all("forward" in g.__dict__ for g in gates.values())
+    with torch.no_grad():
+        out_none = model(ids).logits
+        for l in hook.layers:
+            hook.set_offset(l, torch.zeros(hook.num_experts(l)))
+        out_zero = model(ids).logits
+        hook.clear()
+        for l in hook.layers:
+            hook.set_offset(l, torch.zeros(2, hook.num_experts(l)))
+        out_zero_b = model(ids).logits
+        hook.clear()
+        gate_hooked = [g(x) for g in gates.values()]
+    assert torch.equal(out_none, ref) and torch.equal(out_zero, ref) and torch.equal(out_zero_b, ref)
+    for a, b in zip(ref_gate, gate_hooked):
+        for ta, tb in zip(a, b):
+            assert torch.equal(ta, tb) and ta.dtype == tb.dtype
+    hook.release()
+    assert not any("forward" in g.__dict__ or "_retrofit_gate" in g.__dict__ for g in gates.values())
+    assert not hasattr(model, "_retrofit_gate_hook")
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_offset_changes_selection_and_recording(family):
+    model = tiny_model(family)
+    hook = GateHook.install(model)
+    E, k = hook.num_experts(), hook.top_k()
+    ids = _ids(B=1, T=6)
+    with torch.no_grad(), hook.recording() as rec:
+        base = model(ids).logits
+    layer = hook.layers[-1]
+    assert rec.indices[layer][0].shape == (6, k)
+    assert rec.scores[layer][0].shape == (6, E)
+    # force experts {E-1, E-2, ...}: a huge offset on the last k experts must put exactly them in the top-k
+    off = torch.zeros(E)
+    forced = list(range(E - k, E))
+    off[forced] = 1e4 if hook.scoring != "sigmoid_grouped" else 50.0
+    if hook.scoring == "sigmoid_grouped":
+        # grouped top-k: forced experts must sit in the selected group(s); last group holds the last E/n_group
+        assert k <= E // model.config.n_group
+    hook.set_offset(layer, off)
+    with torch.no_grad(), hook.recording() as rec2:
+        steered = model(ids).logits
+    sel = rec2.indices[layer][0].sort(-1).values
+    assert (sel == torch.tensor(forced)).all()
+    assert not torch.equal(steered, base)
+    # callable offset: identity callable gives identical output; another layer's record is unchanged
+    hook.set_offset(layer, lambda z: z)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base)
+    hook.release()
+
+
+def test_per_sequence_offset_only_touches_its_row():
+    model = tiny_model("olmoe")
+    hook = GateHook.install(model)
+    ids = _ids(B=2, T=5)
+    with torch.no_grad():
+        base = model(ids).logits
+        off = torch.zeros(2, hook.num_experts())
+        off[1] = torch.randn(hook.num_experts()) * 5
+        for l in hook.layers:
+            hook.set_offset(l, off)
+        out = model(ids).logits
+    # row 0 is unchanged up to float summation order (its tokens share expert matmuls with row 1's)
+    torch.testing.assert_close(out[0], base[0], rtol=0, atol=1e-5)
+    assert (out[1] - base[1]).abs().max() > 1e-2
+    hook.release()
+
+
+def test_offsets_are_differentiable():
+    model = tiny_model("mixtral")
+    hook = GateHook.install(model)
+    delta = torch.zeros(hook.num_experts(), requires_grad=True)
+    hook.set_offset(hook.layers[1], delta)
+    loss = model(_ids(), labels=_ids()).loss
+    loss.backward()
+    assert delta.grad is not None and delta.grad.abs().sum() > 0
+    hook.release()
+
+
+def test_shared_hook_reference_counted_and_owners():
+    model = tiny_model("qwen2_moe")
+    h1 = GateHook.install(model)
+    h2 = GateHook.install(model)
+    assert h1 is h2
+    h1.set_offset(0, torch.ones(8), owner="a")
+    h1.set_offset(0, lambda z: z * 2, owner="b")
+    z = torch.zeros(3, 8)
+    assert torch.equal(h1._offset(0, z), torch.full((3, 8), 2.0))
+    h1.clear("a")
+    assert torch.equal(h1._offset(0, z), z)
+    h1.release()
+    assert "forward" in h1.gates[0].__dict__
+    h2.release()
+    assert "forward" not in h1.gates[0].__dict__
+
+
+def test_bad_inputs_are_clear_errors():
+    with pytest.raises(ValueError, match="no MoE gates"):
+        GateHook.install(tiny_model("llama"))
+    model = tiny_model("olmoe")
+    hook = GateHook.install(model)
+    with pytest.raises(ValueError, match=r"shape \[8\] or \[batch, 8\]"):
+        hook.set_offset(0, torch.zeros(7))
+    with pytest.raises(KeyError, match="MoE layers"):
+        hook.set_offset(99, torch.zeros(8))
+    hook.set_offset(0, torch.zeros(3, 8))
+    with pytest.raises(ValueError, match="not a multiple"):
+        model(_ids(B=2, T=7))
+    hook.release()

@@ -78,6 +78,88 @@ def test_loglikelihood_equals_plain_hf_model(smol_tok):
     assert m["action_counts"] == [[0, 4, 0]] * 4
 
 
+def _plan_logprob(model, tok, context, cont, plan):
+    """Reference log-likelihood with the decoder layers run one by one under ``plan`` (no KV cache)."""
+    from retrofit.arch import get_adapter
+
+    a = get_adapter(model)
+    whole = tok(context + cont, add_special_tokens=False)["input_ids"]
+    n_ctx = len(tok(context, add_special_tokens=False)["input_ids"])
+    ids = torch.tensor([whole])
+    with torch.no_grad():
+        h, kw = a.prepare(model, ids)
+        for layer, act in zip(a.layers(model), plan):
+            for _ in range({"skip": 0, "execute": 1, "repeat": 2}[act]):
+                h = a.call_layer(layer, h, kw)
+        logp = torch.log_softmax(a.head(model, h)[0].double(), -1)
+    return logp[n_ctx - 1:-1].gather(-1, ids[0, n_ctx:, None]).sum().item()
+
+
+def test_drllm_all_execute_equals_plain_model(smol_tok):
+    """drllm attached without routers (every layer executes) gives the plain model's log-likelihoods."""
+    import copy
+
+    model, _ = _tiny_lm(smol_tok)
+    ref = copy.deepcopy(model)
+    from retrofit.eval.lm_eval_model import RetrofitLM
+
+    lm = RetrofitLM(pretrained=(model, smol_tok), method="drllm", batch_size=3)
+    got = lm.loglikelihood(_instances(PAIRS))
+    for (ctx, cont), (lp, _) in zip(PAIRS, got):
+        assert lp == pytest.approx(_reference(ref, smol_tok, ctx, cont)[0], abs=1e-4)
+    assert lm.compute_metrics()["mean_layers_executed"] == 4.0
+
+
+def test_drllm_static_plan_matches_layer_by_layer(smol_tok):
+    import copy
+
+    from retrofit.eval.lm_eval_model import RetrofitLM
+
+    model = tiny_model("llama", vocab_size=len(smol_tok)).eval()
+    ref = copy.deepcopy(model)
+    lm = RetrofitLM(pretrained=(model, smol_tok), method="drllm", plan="esre", batch_size=3)
+    got = lm.loglikelihood(_instances(PAIRS))
+    for (ctx, cont), (lp, _) in zip(PAIRS, got):
+        assert lp == pytest.approx(_plan_logprob(ref, smol_tok, ctx, cont, ["execute", "skip", "repeat", "execute"]),
+                                   abs=1e-4)
+        assert lp != pytest.approx(_reference(ref, smol_tok, ctx, cont)[0], abs=1e-3)
+    m = lm.compute_metrics("t")
+    assert m["mean_layers_executed"] == 4.0 and m["action_counts"][1] == [4, 0, 0] and m["action_counts"][2] == [0, 0, 4]
+
+
+def test_drllm_routers_decide_from_the_prompt_per_row(smol_tok):
+    """With routers, each question's plan comes from its context alone, every answer choice is scored under that
+    plan (per-row plans inside lm-eval's batches), and the compute metrics count those plans."""
+    import copy
+
+    from retrofit.eval.lm_eval_model import RetrofitLM
+
+    model = tiny_model("llama", vocab_size=len(smol_tok)).eval()
+    ref = copy.deepcopy(model)
+    lm = RetrofitLM(pretrained=(model, smol_tok), method="drllm", batch_size=3)
+    torch.manual_seed(3)
+    bank = lm.handle.init_routers(seed=3)
+    with torch.no_grad():  # make the random routers disagree between prompts: scale up their logits
+        for p in bank.parameters():
+            p.mul_(40.0)
+    contexts = list(dict.fromkeys(c for c, _ in PAIRS))
+    plans = {}
+    for c in contexts:
+        ids = torch.tensor([smol_tok(c, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            model(input_ids=ids)
+        plans[c] = lm.handle.last_plans[0]
+    assert len({tuple(p) for p in plans.values()}) > 1, plans  # the routers really route differently per prompt
+    got = lm.loglikelihood(_instances(PAIRS))
+    for (ctx, cont), (lp, _) in zip(PAIRS, got):
+        assert lp == pytest.approx(_plan_logprob(ref, smol_tok, ctx, cont, plans[ctx]), abs=1e-4), (ctx, plans[ctx])
+    m = lm.compute_metrics("t")
+    from retrofit.eval.lm_eval_model import plan_cost
+
+    assert m["prompts"] == len(contexts)
+    assert m["mean_layers_executed"] == pytest.approx(sum(plan_cost(p) for p in plans.values()) / len(contexts))
+
+
 def test_unknown_model_args_are_clear_errors(smol_tok):
     from retrofit.eval.lm_eval_model import RetrofitLM, parse_plan
 

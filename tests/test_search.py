@@ -313,3 +313,41 @@ def test_generic_objective_hook(tmp_path):
     study = run_study(lambda t: -(t.suggest_float("lr", 1e-4, 1e-1, log=True) - 0.01) ** 2, study_name="hp",
                       storage=str(tmp_path / "hp.db"), n_trials=8, seed=0)
     assert len(study.trials) == 8 and 1e-4 <= study.best_params["lr"] <= 1e-1
+
+
+# ----------------------------------------------------------------------------------------- SmolLM2
+@pytest.mark.slow
+def test_smollm2_packed_scores_equal_full_forwards(smollm2, shared_data, monkeypatch):
+    from retrofit.search.tasks import load_task
+
+    monkeypatch.setenv("RETROFIT_DATA", str(shared_data))
+    m, tok = smollm2
+    ex = load_task("arc_easy", "train", limit=1)[0]
+    L = m.config.num_hidden_layers
+    plans = [("execute",) * L, ("skip",) * 3 + ("execute",) * (L - 4) + ("repeat",)]
+    ev = PlanEvaluator(m, tok)
+    ev.set_example(ex)
+    for p, r in zip(plans, ev.evaluate(plans)):
+        assert r.scores == pytest.approx(naive_scores(m, tok, ex, p), abs=2e-3)
+    # lm-eval's acc on this question with the full model is wrong (answer 3 of 4), which the search fixes
+    assert ev.evaluate(plans[:1])[0].pred == 3 and ex.gold == 1
+
+
+def test_generative_examples_decode_greedily_under_the_plan(tiny):
+    m, tok = tiny
+    ex = Example("g/0", "Question: 1+1?\nAnswer:", [], "2", kind="gen")
+    ev = PlanEvaluator(m, tok, max_new_tokens=6)
+    ev.set_example(ex)
+    plan = ("execute", "skip", "repeat", "execute")
+    r = ev.evaluate([plan])[0]
+    ids = tok(ex.prompt)["input_ids"]
+    for _ in range(6):  # reference: greedy decoding by hand with full forwards of the plan
+        nxt = int(ev.run_plan(torch.tensor([ids]), plan)[0, -1].argmax())
+        if nxt == tok.eos_token_id:
+            break
+        ids.append(nxt)
+        if "\n\n" in tok.decode(ids[len(tok(ex.prompt)["input_ids"]):]):
+            break
+    want = tok.decode(ids[len(tok(ex.prompt)["input_ids"]):]).split("\n\n")[0].split("Question:")[0]
+    assert r.text == want
+    assert r.correct == (r.pred is not None and float(r.pred) == 2.0)

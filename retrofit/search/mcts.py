@@ -51,6 +51,7 @@ class MCTSConfig:
     rollout_skip: float = 0.1
     rollout_repeat: float = 0.02
     allow_repeat: bool = True
+    prune_exhausted: bool = True
 
     def __post_init__(self):
         if self.simulations < 0:
@@ -86,7 +87,7 @@ def budget_passes(budget: float | int | str | None, num_layers: int) -> int:
 
 
 class _Node:
-    __slots__ = ("prefix", "parent", "children", "untried", "visits", "value")
+    __slots__ = ("prefix", "parent", "children", "untried", "visits", "value", "exhausted")
 
     def __init__(self, prefix: tuple, parent, untried: list):
         self.prefix = prefix
@@ -95,6 +96,7 @@ class _Node:
         self.untried = untried
         self.visits = 0
         self.value = 0.0
+        self.exhausted = False
 
 
 @dataclass
@@ -182,18 +184,21 @@ def mcts_search(evaluate: Callable[[list[tuple]], list[bool]], num_layers: int, 
         return prefix + tuple(rest)
 
     done = 0
-    while done < cfg.simulations:
+    while done < cfg.simulations and not root.exhausted:
         n = min(cfg.batch, cfg.simulations - done)
         paths, plans = [], []
         for _ in range(n):
+            if root.exhausted:  # every plan of the tree has been evaluated
+                break
             node = root
             path = [node]
             while not node.untried and node.children:
+                live = [ch for ch in node.children if not ch.exhausted] if cfg.prune_exhausted else node.children
                 if rng.random() < cfg.p_random:
-                    node = node.children[rng.randrange(len(node.children))]
+                    node = live[rng.randrange(len(live))]
                 else:
                     V = node.visits
-                    node = max(node.children, key=lambda ch: ucb(ch, V))
+                    node = max(live, key=lambda ch: ucb(ch, V))
                 path.append(node)
             if node.untried:
                 move = node.untried.pop()
@@ -201,6 +206,12 @@ def mcts_search(evaluate: Callable[[list[tuple]], list[bool]], num_layers: int, 
                 node.children.append(child)
                 node = child
                 path.append(node)
+            if cfg.prune_exhausted and len(node.prefix) == L:
+                # a complete plan is deterministic: once evaluated, visiting it again teaches nothing
+                nd = node
+                while nd is not None and not nd.untried and all(ch.exhausted for ch in nd.children):
+                    nd.exhausted = True
+                    nd = nd.parent
             for nd in path:  # virtual loss: count the visit now, add the reward after evaluation
                 nd.visits += 1
             paths.append(path)
@@ -209,7 +220,7 @@ def mcts_search(evaluate: Callable[[list[tuple]], list[bool]], num_layers: int, 
         for path, r in zip(paths, rewards):
             for nd in path:
                 nd.value += r
-        done += n
+        done += len(paths)
 
     if best[0] is not None:
         plan, found = best[0][1], True

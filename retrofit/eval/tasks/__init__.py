@@ -1,0 +1,132 @@
+"""Offline lm-eval task configs that read ``../shared/data`` in place.
+
+The ``*.yaml.in`` files here are lm-eval task YAMLs with an ``@DATA@`` placeholder: YAML ``data_files`` must be
+absolute (or relative to the working directory), so :func:`render_tasks` writes them, with the absolute data
+folder filled in, into a task folder (a temp dir by default) together with a ``utils.py`` for the
+``!function`` hooks. Pass that folder to lm-eval as ``include_path`` (``retrofit eval`` does it for you).
+
+The data folder is ``$RETROFIT_DATA`` or ``<repo>/../shared/data``. Task names carry a ``retrofit_`` prefix so they
+never clash with lm-eval's own (hub-backed) tasks; :func:`resolve_task_names` maps short names (``arc_easy``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+PLACEHOLDER = "@DATA@"
+
+# short name -> (lm-eval task name, data it needs, what it is)
+TASKS: dict[str, tuple[str, str, str]] = {
+    "arc_easy": ("retrofit_arc_easy", "arc_easy/test.jsonl", "ARC-Easy test (2376)"),
+    "arc_easy_val": ("retrofit_arc_easy_val", "arc_easy/validation.jsonl", "ARC-Easy validation (570)"),
+    "arc_easy_train": ("retrofit_arc_easy_train", "arc_easy/train.jsonl", "ARC-Easy train (2251)"),
+    "arc_challenge": ("retrofit_arc_challenge", "arc_challenge/ARC-Challenge-Test.jsonl", "ARC-Challenge test (1172)"),
+    "piqa": ("retrofit_piqa", "piqa/valid.jsonl", "PIQA validation (1838)"),
+    "hellaswag": ("retrofit_hellaswag", "hellaswag/hellaswag_val.jsonl", "HellaSwag validation (10042)"),
+    "boolq": ("retrofit_boolq", "mc_extra/boolq.jsonl", "BoolQ dev (3270)"),
+    "openbookqa": ("retrofit_openbookqa", "mc_extra/openbook_qa.jsonl", "OpenBookQA test (500)"),
+    "copa": ("retrofit_copa", "mc_extra/copa.jsonl", "COPA validation (100)"),
+    "mmlu": ("retrofit_mmlu", "mmlu/test/marketing_test.csv", "MMLU, 6 subjects' test sets (1538)"),
+}
+
+
+def data_dir(data: str | os.PathLike | None = None) -> Path:
+    """The shared data folder: ``data`` if given, else ``$RETROFIT_DATA``, else ``<repo>/../shared/data``."""
+    if data is None:
+        data = os.environ.get("RETROFIT_DATA") or (_HERE.parents[2].parent / "shared" / "data")
+    return Path(data).resolve()
+
+
+def resolve_task_names(tasks: str | list[str]) -> list[str]:
+    """``"arc_easy,piqa"`` -> ``["retrofit_arc_easy", "retrofit_piqa"]``; full ``retrofit_*`` names pass through."""
+    names = [t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip()]
+    if not names:
+        raise ValueError(f"no task given; choose from {', '.join(TASKS)}")
+    out = []
+    by_full = {v[0]: k for k, v in TASKS.items()}
+    for n in names:
+        if n in TASKS:
+            out.append(TASKS[n][0])
+        elif n in by_full:
+            out.append(n)
+        else:
+            raise ValueError(f"unknown task {n!r}; offline tasks: {', '.join(TASKS)} "
+                             "(or their retrofit_* names)")
+    return out
+
+
+def render_tasks(out_dir: str | os.PathLike | None = None, data: str | os.PathLike | None = None) -> Path:
+    """Write the task YAMLs (absolute data paths filled in) and their ``utils.py`` into ``out_dir``.
+
+    Returns the folder, for lm-eval's ``include_path`` / ``TaskManager(include_path=...)``.
+    """
+    root = data_dir(data)
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"evaluation data folder {root} not found: set RETROFIT_DATA to the shared data folder "
+            "(the one with arc_easy/, piqa/, ...), or put it at ../shared/data beside the repo.")
+    out = Path(out_dir) if out_dir is not None else Path(tempfile.mkdtemp(prefix="retrofit_tasks_"))
+    out.mkdir(parents=True, exist_ok=True)
+    for tmpl in sorted(_HERE.glob("*.yaml.in")):
+        text = tmpl.read_text().replace(PLACEHOLDER, root.as_posix())
+        (out / tmpl.name[: -len(".in")]).write_text(text)
+    (out / "utils.py").write_text(
+        "# written by retrofit.eval.tasks.render_tasks: the !function hooks of the retrofit_* tasks\n"
+        "from retrofit.eval.tasks import make_processors\n\n"
+        f"globals().update(make_processors({root.as_posix()!r}))\n")
+    return out
+
+
+# --- process_docs hooks ------------------------------------------------------------------------------------
+
+def _hellaswag_clean(text: str) -> str:
+    # as lm-eval's hellaswag utils.preprocess
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def make_processors(data: str | os.PathLike) -> dict:
+    """The ``process_docs`` functions bound to one data folder (used by the rendered ``utils.py``)."""
+    root = Path(data)
+
+    def process_piqa(dataset):
+        labels_file = root / "piqa" / "valid-labels.lst"
+        labels = [int(x) for x in labels_file.read_text().split()]
+        if len(labels) != len(dataset):
+            raise ValueError(f"{labels_file} has {len(labels)} labels for {len(dataset)} PIQA questions")
+        return dataset.add_column("label", labels)
+
+    def process_hellaswag(dataset):
+        def one(doc):
+            ctx = doc["ctx"]
+            return {"query": _hellaswag_clean(doc["activity_label"] + ": " + ctx),
+                    "choices": [_hellaswag_clean(e) for e in doc["endings"]],
+                    "label": int(doc["label"])}
+        return dataset.map(one)
+
+    def load_arc_challenge(**_ignored):
+        import datasets
+
+        splits = {}
+        for split, name in (("validation", "ARC-Challenge-Dev.jsonl"), ("test", "ARC-Challenge-Test.jsonl")):
+            rows = []
+            with open(root / "arc_challenge" / name) as f:
+                for line in f:
+                    if line.strip():
+                        d = json.loads(line)
+                        ch = d["question"]["choices"]
+                        rows.append({"id": d["id"], "question": d["question"]["stem"],
+                                     "choices": {"text": [c["text"] for c in ch], "label": [c["label"] for c in ch]},
+                                     "answerKey": d["answerKey"]})
+            splits[split] = datasets.Dataset.from_list(rows)
+        return datasets.DatasetDict(splits)
+
+    return {"process_piqa": process_piqa, "process_hellaswag": process_hellaswag,
+            "load_arc_challenge": load_arc_challenge}

@@ -47,6 +47,7 @@ __all__ = [
     "head_scores",
     "route_heads",
     "routed_scores_reference",
+    "break_ties_",
     "routed_topk_torch",
     "routed_scores_triton",
     "routed_topk",
@@ -128,6 +129,22 @@ def route_heads(E: torch.Tensor, active_heads: int) -> torch.Tensor:
     return E.topk(active_heads, dim=-1).indices.sort(dim=-1).values
 
 
+_TIE_EPS = 2.0 ** -120  # far below any nonzero score's float32 ulp, far above float32's smallest normal
+
+
+def break_ties_(scores: torch.Tensor) -> torch.Tensor:
+    """Order exactly tied routed scores by key position (later key first), in place.
+
+    With few heads many keys score exactly 0 (every routed head's ReLU is 0), and ``topk`` breaks such ties
+    by an unspecified rule that depends on the row length, so a query's selection would change with the number
+    of keys *after* it (a full forward vs a cached decode). Adding ``position * 2**-120`` leaves every nonzero
+    score unchanged (it is below their float32 rounding) and makes the order of zeros a function of position
+    only, so the selection stays causal. ``-inf`` (masked) stays ``-inf``.
+    """
+    ar = torch.arange(scores.shape[-1], device=scores.device, dtype=scores.dtype)
+    return scores.add_(ar * _TIE_EPS)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # reference: DSA's own op sequence on the gathered heads (batched, as transformers' indexer)
 # ----------------------------------------------------------------------------------------------------------
@@ -196,6 +213,8 @@ def routed_topk_torch(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, head_id
         sc = torch.matmul(qs.reshape(c * h, D), kc.t()).relu_()
         scores = torch.bmm(ws.unsqueeze(1), sc.view(c, h, Tc)).squeeze(1)  # [c, Tc]
         del sc
+        if head_idx is not None:
+            break_ties_(scores)
         lo = max(qmin + 1, 0)  # keys before every query's position are visible to the whole chunk
         if lo < Tc:
             tail = scores[:, lo:]
@@ -305,6 +324,8 @@ def routed_topk(q, w, k, head_idx, qpos, topk, scale, valid=None, candidates=Non
         return routed_topk_torch(q, w, k, head_idx, qpos, topk, scale, valid=valid, candidates=candidates,
                                  chunk=chunk)
     scores = routed_scores_triton(q, w, k, head_idx, qpos, scale, ieee=ieee)
+    if head_idx is not None:
+        break_ties_(scores)
     if valid is not None:
         scores.masked_fill_(~valid, float("-inf"))
     if candidates is not None and head_idx is not None:

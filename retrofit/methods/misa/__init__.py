@@ -173,6 +173,8 @@ class Misa(Method):
                     K.route_heads(K.head_scores(q[b], weights[b], k[b], qpos[b], cfg.block_size, scale,
                                                 key_valid=key_valid[b]), h) for b in range(B)])
             scores = K.routed_scores_reference(q, weights, k, head_idx, scale, attention_mask)
+            if h < H:
+                K.break_ties_(scores)
             if cfg.hierarchical and h < H:
                 kc = min(cfg.candidates, T)
                 cand = scores.topk(kc, dim=-1)

@@ -93,7 +93,10 @@ def main():
     base_s, plan_s = statistics.median(base_t), statistics.median(plan_t)
     realised = (base_s - plan_s) / ideal_saving
 
-    # 3. router overhead: routers deciding at prefill vs one plain prefill forward
+    # 3. router overhead: time inside the routers (window pooling + MLP for every layer, at prefill) against one
+    # prefill forward of the same prompt with routers deciding. The routers' cost does not grow with the prompt
+    # (8 window means per layer) while the forward does, so it is measured at several prompt lengths; it is
+    # also given against the whole generate() call, since routers run only at prefill.
     h.set_plan(None)
     h.init_routers(seed=0)
     decide_time = [0.0]
@@ -104,17 +107,25 @@ def main():
         orig_decide(i, hidden)
         decide_time[0] += time.perf_counter() - t
     h._decide = timed_decide
-    fwd = []
-    dec = []
-    for _ in range(args.repeats):
-        decide_time[0] = 0.0
-        t = time.perf_counter()
+    long_text = (PROMPT + " ") * 64
+    overhead_by_len = {}
+    decide_by_len = {}
+    for n_tok in (int(ids.shape[1]), 128, 512):
+        ids_n = ids if n_tok == ids.shape[1] else tok(long_text, return_tensors="pt").input_ids[:, :n_tok]
+        fwd, dec = [], []
         with torch.no_grad():
-            model(ids, use_cache=False)
-        fwd.append(time.perf_counter() - t)
-        dec.append(decide_time[0])
+            model(ids_n, use_cache=False)  # warm-up
+            for _ in range(args.repeats):
+                decide_time[0] = 0.0
+                t = time.perf_counter()
+                model(ids_n, use_cache=False)
+                fwd.append(time.perf_counter() - t)
+                dec.append(decide_time[0])
+        overhead_by_len[n_tok] = round(statistics.median(dec) / statistics.median(fwd), 5)
+        decide_by_len[n_tok] = round(statistics.median(dec), 6)
     h._decide = orig_decide
-    router_overhead = statistics.median(dec) / statistics.median(fwd)
+    router_overhead = overhead_by_len[int(ids.shape[1])]
+    router_overhead_generate = decide_by_len[int(ids.shape[1])] / base_s
     h.detach()
 
     result = {
@@ -135,6 +146,11 @@ def main():
                                         "over all forward calls (prefill + each decode step) of an instrumented "
                                         "all-execute generate()",
         "router_overhead": round(router_overhead, 5),
+        "router_overhead_definition": "time inside the routers at prefill / one prefill forward of the bench "
+                                      "prompt (median of --repeats); by prompt length below",
+        "router_overhead_by_prompt_tokens": overhead_by_len,
+        "router_seconds_by_prompt_tokens": decide_by_len,
+        "router_overhead_vs_generate": round(router_overhead_generate, 5),
         "device": f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads",
         "command": "python " + " ".join(sys.argv),
         "date": datetime.date.today().isoformat(),

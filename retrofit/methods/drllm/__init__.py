@@ -23,7 +23,7 @@ from torch import nn
 
 from retrofit.methods import Method, register_method
 from retrofit.methods.drllm.config import ACTIONS, EXECUTE, REPEAT, SKIP, DrLLMConfig, validate_plan
-from retrofit.methods.drllm.router import RouterBank, window_matrix, window_means
+from retrofit.methods.drllm.router import RouterBank, window_matrix, window_means, window_weights
 
 __all__ = ["DrLLM", "DrLLMConfig", "ACTIONS", "window_means", "RouterBank"]
 
@@ -194,23 +194,28 @@ class DrLLM(Method):
         st = self._step
         if st.pool is None or st.pool[0].shape[-1] != hidden.shape[1]:
             mask = st.mask if st.mask is not None else torch.ones(hidden.shape[:2], dtype=torch.long)
-            st.pool = window_matrix(mask.to(hidden.device), self.config.num_windows)
-        A, valid = st.pool
-        means = torch.bmm(A, hidden.to(torch.float32))
+            A, valid = window_matrix(mask.to(hidden.device), self.config.num_windows)
+            st.pool = (A, valid, window_weights(valid), self._decision_bias(hidden.device))
+        A, valid, weights, bias = st.pool
+        means = torch.bmm(A, hidden if hidden.dtype == torch.float32 else hidden.float())
         if st.capture is not None:
             st.capture.append((means, valid))
         if not st.deciding:
             return
-        with torch.no_grad():
-            logits = self.routers[i](means, valid)
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                acts = self.routers[i].decide(means, weights, bias)
+        else:
+            acts = self.routers[i].decide(means, weights, bias)
+        st.actions[:, i] = acts
+
+    def _decision_bias(self, device) -> torch.Tensor:
+        """The budget knob as one logit bias [skip, execute, repeat], read from the config at each prefill."""
         cfg = self.config
-        if cfg.skip_bias:
-            logits[..., SKIP] += cfg.skip_bias
-        if cfg.repeat_bias:
-            logits[..., REPEAT] += cfg.repeat_bias
+        bias = torch.tensor([float(cfg.skip_bias), 0.0, float(cfg.repeat_bias)], device=device)
         if not cfg.allow_repeat:
-            logits[..., REPEAT] = float("-inf")
-        st.actions[:, i] = logits.argmax(-1).to(st.actions.device)
+            bias[REPEAT] = float("-inf")
+        return bias
 
     def _make_forward(self, i: int, layer: nn.Module):
         orig = type(layer).forward.__get__(layer)

@@ -1,0 +1,49 @@
+"""`retrofit moefy`: build the MoE testbed (SmolLM2-135M split into a Mixtral MoE from its own weights)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("moefy")
+    def moefy(
+        experts: int = typer.Option(8, "--experts", "-e", help="experts per layer (divides the MLP width 1536)"),
+        top_k: int = typer.Option(2, "--top-k", "-k", help="experts active per token (< experts so routing matters)"),
+        shared: int = typer.Option(768, help="neurons of the always-on shared expert (Qwen2-MoE); 0 with "
+                                   "--arch mixtral"),
+        arch: str = typer.Option("qwen2_moe", help="qwen2_moe (shared + routed experts) or mixtral (routed only)"),
+        tokens: int = typer.Option(8192, help="calibration tokens (ARC-Easy train + a Shakespeare slice)"),
+        steps: int = typer.Option(200, help="Adam steps of each layer's gate fit"),
+        cluster: str = typer.Option("coact", help="neuron split: coact (co-activation k-means), weights, random"),
+        out: Path = typer.Option(None, "--out", help="output folder (default <cache>/moe/smollm2-moe-e{E}k{k})"),
+        force: bool = typer.Option(False, "--force", help="rebuild even if the folder already holds a testbed"),
+        seed: int = typer.Option(0),
+        threads: int = typer.Option(None, help="torch CPU threads"),
+    ):
+        """Convert the default dense model into an MoE (Qwen2-MoE: a shared expert of the most important neurons +
+        routed experts clustered from the rest, a gate fitted per layer) and save it with its tokenizer and fit
+        report (moefy.json); an existing one is reused."""
+        import json
+
+        import torch
+
+        from retrofit.moe.moefy import MoefyConfig, _complete, build_testbed, read_report, testbed_dir
+
+        if threads:
+            torch.set_num_threads(threads)
+        cfg = MoefyConfig(experts=experts, top_k=top_k, shared=shared, arch=arch, tokens=tokens, steps=steps,
+                          cluster=cluster, seed=seed)
+        cfg.validate(1536)
+        path = Path(out) if out is not None else testbed_dir(experts, top_k, shared, arch)
+        reused = _complete(path) and not force
+        path = build_testbed(cfg, out=path, force=force)
+        rep = read_report(path)
+        typer.echo(("reused " if reused else "built ") + f"{path}")
+        c = rep["config"]
+        typer.echo(f"{rep.get('architecture')}: E={c['experts']} top_k={c['top_k']} shared={c.get('shared', 0)} "
+                   f"cluster={c['cluster']}; per-token relative MLP error, mean over layers, held-out calibration "
+                   "tokens: "
+                   + json.dumps(rep["mean"]))

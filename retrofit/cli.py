@@ -20,6 +20,7 @@ _COMMAND_MODULES = [
     "retrofit.eval.cli",          # retrofit eval / lm-eval / pipeline
     "retrofit.moe.cli",           # retrofit moefy / reroute / steer
     "retrofit.methods.roma.cli",  # retrofit roma
+    "retrofit.methods.steer.cli",  # retrofit steer fit
     "retrofit.methods.misa.cli",  # retrofit misa ...
     "retrofit.serve.cli",         # retrofit serve
     "retrofit.pipeline",          # retrofit pipeline (the main job)

@@ -1,0 +1,206 @@
+"""Rewiring Experts on the Fly (``reroute``) on the MoE testbed: base vs test-time rerouting, same examples, same run.
+
+    OMP_NUM_THREADS=1 python bench/bench_reroute.py --arc-limit 50 --chunks 8 --out bench/results/reroute.json
+
+Model: ``retrofit.moe.moefy.load_testbed()`` (SmolLM2-135M made into an 8-expert top-2 Mixtral; run
+``retrofit moefy`` first) or ``--tiny`` (a random tiny Mixtral with SmolLM2's tokenizer: checks the script only,
+its numbers mean nothing).
+
+Two measurements, each with the base model and with rerouting in three layer choices (all MoE layers;
+``--num-layers`` least-confident layers; ``--num-layers`` most-confident layers), ``--steps`` Adam steps at
+``--lr``:
+
+* held-out text: ``--chunks`` windows of the Shakespeare tail the gate fit never read; adapt on the first
+  ``--ctx`` tokens, then the next-token loss on the following ``--cont`` tokens (``base_loss`` / ``reroute_loss``,
+  mean per token) -- the deltas never see the tokens they are scored on;
+* ARC-Easy test (first ``--arc-limit`` questions): adapt on the prompt ("Question: ...\\nAnswer:"), then lm-eval's
+  ``acc`` (summed log-likelihood of " " + choice) with the adapted deltas (``base_acc`` / ``reroute_acc``).
+
+``time_overhead``: (time with rerouting) / (base time) - 1 over the same work (adaptation included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def load(tiny: bool):
+    if not tiny:
+        from retrofit.moe.moefy import load_testbed
+
+        return load_testbed(build=False)
+    from transformers import AutoTokenizer
+
+    from retrofit.models import default_model_dir
+    from retrofit.testing import tiny_model
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    model = tiny_model("mixtral", vocab_size=len(tok), num_hidden_layers=6)
+    model.requires_grad_(False)
+    return model, tok
+
+
+@torch.no_grad()
+def cont_loss(model, ids: torch.Tensor, ctx: int) -> tuple[float, int]:
+    """Summed next-token loss of tokens ids[ctx:] given everything before them; and their count."""
+    logits = model(input_ids=ids[None], use_cache=False).logits[0, ctx - 1:-1].float()
+    nll = torch.nn.functional.cross_entropy(logits, ids[ctx:], reduction="sum")
+    return float(nll), int(ids.numel() - ctx)
+
+
+@torch.no_grad()
+def choice_scores(model, tok, prompt: str, choices: list[str]) -> list[float]:
+    """lm-eval style: summed log-likelihood of each " " + choice after the prompt (one batch, right padding)."""
+    ctx = tok(prompt)["input_ids"]
+    rows, conts = [], []
+    for c in choices:
+        whole = tok(prompt + " " + c)["input_ids"]
+        rows.append(whole)
+        conts.append(len(whole) - len(ctx))
+    T = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, :len(r)] = torch.tensor(r)
+        mask[i, :len(r)] = 1
+    lp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1)
+    out = []
+    for i, r in enumerate(rows):
+        n = conts[i]
+        L = len(r)
+        tgt = ids[i, L - n:L]
+        out.append(float(lp[i, L - n - 1:L - 1].gather(-1, tgt[:, None]).sum()))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--arc-limit", type=int, default=50)
+    ap.add_argument("--chunks", type=int, default=8)
+    ap.add_argument("--ctx", type=int, default=128)
+    ap.add_argument("--cont", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--optimizer", default="adam")
+    ap.add_argument("--num-layers", type=int, default=0, help="layers for the confidence orderings (0: a third)")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "reroute.json"))
+    args = ap.parse_args()
+
+    import retrofit
+    from retrofit.artifacts import fingerprint
+    from retrofit.moe.moefy import heldout_text
+    from retrofit.search.tasks import load_task
+
+    t_start = time.time()
+    log_lines = []
+
+    def log(msg):
+        msg = f"[{time.time() - t_start:7.0f}s] {msg}"
+        print(msg, flush=True)
+        log_lines.append(msg)
+
+    torch.manual_seed(0)
+    model, tok = load(args.tiny)
+    n_moe = len(retrofit.arch.get_adapter(model).moe_gates(model))
+    k = args.num_layers or max(1, n_moe // 3)
+    variants = {"all_layers": dict(num_layers=None),
+                "least_confident": dict(num_layers=k, layer_order="least_confident"),
+                "most_confident": dict(num_layers=k, layer_order="most_confident")}
+    common = dict(steps=args.steps, lr=args.lr, optimizer=args.optimizer, interval=0)
+    log(f"model {type(model).__name__} ({'tiny random' if args.tiny else 'MoE testbed'}), {n_moe} MoE layers, "
+        f"threads {torch.get_num_threads()}; variants {variants}; {common}")
+
+    # ---- data (the same for every variant)
+    text_ids = tok(heldout_text()[:400_000])["input_ids"]
+    W = args.ctx + args.cont
+    stride = max(W, (len(text_ids) - W) // max(args.chunks, 1))
+    chunks = [torch.tensor(text_ids[s:s + W]) for s in range(0, len(text_ids) - W, stride)][:args.chunks]
+    arc = load_task("arc_easy", split="test", limit=args.arc_limit)
+    log(f"{len(chunks)} text chunks of {args.ctx}+{args.cont} tokens; {len(arc)} ARC-Easy test questions")
+
+    def run(handle):
+        """(text loss per token, ARC acc, seconds, per-item correct list); handle=None: base model."""
+        t0 = time.perf_counter()
+        nll, n = 0.0, 0
+        for c in chunks:
+            if handle is not None:
+                handle.adapt(c[None, :args.ctx])
+                with handle.frozen():
+                    a, b = cont_loss(model, c, args.ctx)
+            else:
+                a, b = cont_loss(model, c, args.ctx)
+            nll += a
+            n += b
+        t_text = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        correct = []
+        for ex in arc:
+            if handle is not None:
+                handle.adapt(torch.tensor([tok(ex.prompt)["input_ids"]]))
+                with handle.frozen():
+                    s = choice_scores(model, tok, ex.prompt, ex.choices)
+            else:
+                s = choice_scores(model, tok, ex.prompt, ex.choices)
+            correct.append(int(max(range(len(s)), key=s.__getitem__) == ex.gold))
+        t_arc = time.perf_counter() - t0
+        return nll / n, sum(correct) / len(correct), t_text, t_arc, correct
+
+    params0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    base_loss, base_acc, bt_text, bt_arc, base_correct = run(None)
+    log(f"base: loss {base_loss:.4f}, ARC acc {base_acc:.4f} ({bt_text:.0f} s text, {bt_arc:.0f} s ARC)")
+    results = {}
+    for name, kw in variants.items():
+        h = retrofit.attach(model, "reroute", **common, **kw)
+        try:
+            loss, acc, t_text, t_arc, correct = run(h)
+            st = h.stats()
+        finally:
+            h.detach()
+        results[name] = {
+            "reroute_loss": loss, "reroute_acc": acc,
+            "time_overhead": (t_text + t_arc) / (bt_text + bt_arc) - 1,
+            "time_overhead_text": t_text / bt_text - 1, "time_overhead_arc": t_arc / bt_arc - 1,
+            "adaptations": st["adaptations"], "adapt_time_s": st["time_s"],
+            "layer_counts": st["layer_counts"],
+            "arc_flips": {"wrong_to_right": sum(1 for a, b in zip(base_correct, correct) if b > a),
+                          "right_to_wrong": sum(1 for a, b in zip(base_correct, correct) if b < a)},
+        }
+        log(f"{name}: loss {loss:.4f} (base {base_loss:.4f}), ARC acc {acc:.4f} (base {base_acc:.4f}), "
+            f"overhead {results[name]['time_overhead']:.2f}; layers chosen {st['layer_counts']}")
+    assert all(torch.equal(p, params0[n]) for n, p in model.named_parameters()), "base parameters changed"
+    main_v = "all_layers"
+    out = {
+        "command": "OMP_NUM_THREADS=1 python " + " ".join(sys.argv),
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "model": "tiny random Mixtral (script check only)" if args.tiny else "MoE testbed (SmolLM2-135M, moefy)",
+        "fingerprint": fingerprint(model),
+        "config": {**common, "num_layers_ordered": k, "moe_layers": n_moe},
+        "data": {"text": f"tinyshakespeare held-out tail, {len(chunks)} chunks, adapt on {args.ctx} tokens, score "
+                         f"the next {args.cont}", "arc_easy_test": len(arc)},
+        "base_loss": base_loss, "base_acc": base_acc,
+        "reroute_loss": results[main_v]["reroute_loss"], "reroute_acc": results[main_v]["reroute_acc"],
+        "time_overhead": results[main_v]["time_overhead"],
+        "main_variant": main_v,
+        "variants": results,
+        "base_time_s": {"text": bt_text, "arc": bt_arc},
+        "threads": torch.get_num_threads(),
+        "seconds": time.time() - t_start,
+        "log": log_lines,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    log(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

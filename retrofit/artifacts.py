@@ -24,8 +24,8 @@ def fingerprint(model: torch.nn.Module) -> dict:
     """What identifies the base model an artifact was made for.
 
     Architecture class, layer count, hidden size, vocabulary size, and a SHA-256 over the raw bytes of a
-    few weights (the first rows of the input embedding and the first and last decoder layer's parameters
-    that exist in every family: their first tensor each).
+    few weights (the first rows of the input embedding, the first and last decoder layer's parameters
+    that exist in every family: their first tensor each, and the last MoE gate's weight where there is one).
     """
     from retrofit.arch import get_adapter
 
@@ -36,6 +36,9 @@ def fingerprint(model: torch.nn.Module) -> dict:
     tensors = [adapter.decoder(model).embed_tokens.weight[:64]]
     for layer in (layers[0], layers[-1]):
         tensors.append(next(layer.parameters()))
+    gates = adapter.moe_gates(model)
+    if gates:  # MoE models built from the same dense weights (e.g. two `retrofit moefy` builds) differ here
+        tensors.append(next(gates[max(gates)].parameters()))
     for t in tensors:
         t = t.detach().to("cpu", torch.float32).contiguous()
         h.update(str(tuple(t.shape)).encode())

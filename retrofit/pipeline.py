@@ -52,17 +52,20 @@ def run_pipeline(workdir: Path, train_examples: int = 32, test_examples: int = 1
     typer.echo(f"[3/4] lm-eval on {test_examples} {eval_task} test questions: base, Dr.LLM, static pruning")
     from retrofit.eval.lm_eval_model import RetrofitLM
 
-    base = evaluate(**common, method=None, name="base", lm=RetrofitLM(pretrained=(model, tok), batch_size=batch_size))
-    drllm = evaluate(**common, method="drllm", routers=str(routers), name="drllm",
-                     lm=RetrofitLM(pretrained=(model, tok), method="drllm", routers=str(routers),
-                                   batch_size=batch_size))
+    def run(name, method=None, routers=None, config=None, **lm_kw):
+        # one configuration at a time on the same model object: the context manager detaches the method again
+        with RetrofitLM(pretrained=(model, tok), method=method, routers=routers, batch_size=batch_size,
+                        **lm_kw) as lm:
+            return evaluate(**common, method=method, routers=routers, config=config, name=name, lm=lm)
+
+    base = run("base")
+    drllm = run("drllm", method="drllm", routers=str(routers))
     task_key = next(iter(drllm["tasks"]))
     d = drllm["tasks"][task_key]
     k = max(1, round(L - d["mean_layers_executed"]))
     texts = calibration_texts(num_samples=32, seed=seed)
     plan = plan_from_scores(block_influence(model, tok, texts, progress=False), k)
-    static = evaluate(**common, method="drllm", config={"plan": plan}, name=f"static_prune_{k}",
-                      lm=RetrofitLM(pretrained=(model, tok), method="drllm", plan=plan, batch_size=batch_size))
+    static = run(f"static_prune_{k}", method="drllm", config={"plan": plan}, plan=plan)
     runs = [base, static, drllm]
 
     typer.echo("[4/4] report")

@@ -110,6 +110,26 @@ def test_drllm_all_execute_equals_plain_model(smol_tok):
     assert lm.compute_metrics()["mean_layers_executed"] == 4.0
 
 
+def test_close_detaches_so_configurations_can_follow_on_one_model(smol_tok):
+    """The pipeline evaluates base, routers and a static plan one after the other on one model object."""
+    import copy
+
+    from retrofit.eval.lm_eval_model import RetrofitLM
+
+    model = tiny_model("llama", vocab_size=len(smol_tok)).eval()
+    ref = copy.deepcopy(model)
+    with RetrofitLM(pretrained=(model, smol_tok), method="drllm", plan="ssee", batch_size=3) as lm:
+        skipped = lm.loglikelihood(_instances(PAIRS[:1]))[0][0]
+    assert lm.handle is None
+    lm.close()  # idempotent
+    with RetrofitLM(pretrained=(model, smol_tok), method="drllm", batch_size=3) as lm2:  # attaching again works
+        full = lm2.loglikelihood(_instances(PAIRS[:1]))[0][0]
+    ctx, cont = PAIRS[0]
+    assert full == pytest.approx(_reference(ref, smol_tok, ctx, cont)[0], abs=1e-4)
+    assert skipped != pytest.approx(full, abs=1e-3)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), ref.parameters()))
+
+
 def test_drllm_static_plan_matches_layer_by_layer(smol_tok):
     import copy
 

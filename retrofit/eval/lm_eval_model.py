@@ -132,6 +132,19 @@ class RetrofitLM(HFLM):
         self._req_tasks: list | None = None
         self._row_plans: dict[tuple, list[str]] | None = None
 
+    def close(self) -> None:
+        """Detach the retrofit method from the model (the model is the base again), so that another
+        configuration can be evaluated on the same model object. Idempotent."""
+        if self.handle is not None:
+            self.handle.detach()
+            self.handle = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
     # --- which plan a prompt runs ----------------------------------------------------------------------------
     def _static_plan(self) -> list[str] | None:
         """The plan every prompt runs when it does not depend on the prompt (base model, static drllm plan)."""

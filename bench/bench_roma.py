@@ -30,19 +30,9 @@ sys.path.insert(0, str(REPO))
 
 
 def load(tiny: bool):
-    if not tiny:
-        from retrofit.moe.moefy import load_testbed
+    from retrofit.moe.moefy import load_bench_model
 
-        return load_testbed(build=False)
-    from transformers import AutoTokenizer
-
-    from retrofit.models import default_model_dir
-    from retrofit.testing import tiny_model
-
-    tok = AutoTokenizer.from_pretrained(default_model_dir())
-    model = tiny_model("mixtral", vocab_size=len(tok), num_hidden_layers=6)
-    model.requires_grad_(False)
-    return model, tok
+    return load_bench_model(tiny)
 
 
 def run_task(model, tok, train, tests: dict, cfgs: dict, log, embeddings=None):

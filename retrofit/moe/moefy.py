@@ -540,3 +540,19 @@ def load_testbed(experts: int = 8, top_k: int = 2, build: bool = True, **config)
 
 def read_report(path: str | Path) -> dict:
     return json.loads((Path(path) / "moefy.json").read_text())
+
+
+def load_bench_model(tiny: bool = False):
+    """The MoE the benchmarks measure: the testbed (must already be built: ``retrofit moefy``), or with
+    ``tiny`` a 6-layer random Mixtral with the default tokenizer, to check a benchmark script in seconds."""
+    if not tiny:
+        return load_testbed(build=False)
+    from transformers import AutoTokenizer
+
+    from retrofit.models import default_model_dir
+    from retrofit.testing import tiny_model
+
+    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    model = tiny_model("mixtral", vocab_size=len(tok), num_hidden_layers=6)
+    model.requires_grad_(False)
+    return model, tok

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,7 +272,7 @@ def test_tasks_render_and_load_offline(shared_data, tmp_path, monkeypatch):
 
     d = render_tasks(tmp_path / "tasks", data=shared_data)
     text = (d / "retrofit_arc_easy.yaml").read_text()
-    assert str(shared_data) in text and "@DATA@" not in text
+    assert str(Path(shared_data).resolve()) in text and "@DATA@" not in text
     assert resolve_task_names("arc_easy,piqa") == ["retrofit_arc_easy", "retrofit_piqa"]
     with pytest.raises(ValueError, match="unknown task"):
         resolve_task_names("arc_hard")

@@ -47,29 +47,11 @@ def cont_loss(model, ids: torch.Tensor, ctx: int) -> tuple[float, int]:
     return float(nll), int(ids.numel() - ctx)
 
 
-@torch.no_grad()
 def choice_scores(model, tok, prompt: str, choices: list[str]) -> list[float]:
-    """lm-eval style: summed log-likelihood of each " " + choice after the prompt (one batch, right padding)."""
-    ctx = tok(prompt)["input_ids"]
-    rows, conts = [], []
-    for c in choices:
-        whole = tok(prompt + " " + c)["input_ids"]
-        rows.append(whole)
-        conts.append(len(whole) - len(ctx))
-    T = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-        mask[i, :len(r)] = 1
-    lp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1)
-    out = []
-    for i, r in enumerate(rows):
-        n = conts[i]
-        L = len(r)
-        tgt = ids[i, L - n:L]
-        out.append(float(lp[i, L - n - 1:L - 1].gather(-1, tgt[:, None]).sum()))
-    return out
+    """lm-eval style: summed log-likelihood of each " " + choice after the prompt (one batch)."""
+    from retrofit.moe.moefy import continuation_logprobs
+
+    return continuation_logprobs(model, tok, [(prompt, c) for c in choices], batch=len(choices))
 
 
 def main():

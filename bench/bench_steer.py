@@ -69,29 +69,12 @@ def xcopa_mc(item: dict, lang: str) -> tuple[str, list[str]]:
     return prompt, [low(item["choice1"]), low(item["choice2"])]
 
 
-@torch.no_grad()
 def score_rows(model, tok, pairs: list[tuple[str, str]], batch: int = 16) -> list[float]:
-    """Summed log-likelihood of each continuation " " + c after its prompt (right padding, ``batch`` rows a call;
-    steering acts per token, so batching changes nothing)."""
-    out = []
-    for s in range(0, len(pairs), batch):
-        rows, conts = [], []
-        for prompt, c in pairs[s:s + batch]:
-            ctx = tok(prompt)["input_ids"]
-            whole = tok(prompt + " " + c)["input_ids"]
-            rows.append(whole)
-            conts.append(len(whole) - len(ctx))
-        T = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), T, dtype=torch.long)
-        mask = torch.zeros(len(rows), T, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
-        lp = torch.log_softmax(model(input_ids=ids, attention_mask=mask, use_cache=False).logits.float(), -1)
-        for i, r in enumerate(rows):
-            L, n = len(r), conts[i]
-            out.append(float(lp[i, L - n - 1:L - 1].gather(-1, ids[i, L - n:L, None]).sum()))
-    return out
+    """Summed log-likelihood of each continuation " " + c after its prompt (steering acts per token, so
+    batching changes nothing)."""
+    from retrofit.moe.moefy import continuation_logprobs
+
+    return continuation_logprobs(model, tok, pairs, batch)
 
 
 def accuracy(model, tok, items: list[dict], lang: str) -> float:

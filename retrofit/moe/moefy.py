@@ -556,3 +556,30 @@ def load_bench_model(tiny: bool = False):
     model = tiny_model("mixtral", vocab_size=len(tok), num_hidden_layers=6)
     model.requires_grad_(False)
     return model, tok
+
+
+@torch.no_grad()
+def continuation_logprobs(model, tok, pairs: list[tuple[str, str]], batch: int = 16) -> list[float]:
+    """lm-eval style multiple-choice scores for the MoE benchmarks: the summed log-likelihood of each
+    continuation ``" " + c`` after its prompt, ``batch`` right-padded rows per forward."""
+    out = []
+    for s in range(0, len(pairs), batch):
+        rows, conts = [], []
+        for prompt, c in pairs[s:s + batch]:
+            ctx = tok(prompt)["input_ids"]
+            whole = tok(prompt + " " + c)["input_ids"]
+            rows.append(whole)
+            conts.append(len(whole) - len(ctx))
+        T = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), T, dtype=torch.long)
+        mask = torch.zeros(len(rows), T, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = 1
+        dev = next(model.parameters()).device
+        lp = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
+                                     use_cache=False).logits.float(), -1).cpu()
+        for i, r in enumerate(rows):
+            L, n = len(r), conts[i]
+            out.append(float(lp[i, L - n - 1:L - 1].gather(-1, ids[i, L - n:L, None]).sum()))
+    return out

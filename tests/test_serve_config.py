@@ -1,0 +1,114 @@
+"""The vLLM plugin's serve config and request arguments, and the model-side refusals (no engine started)."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from retrofit.serve.config import (ENV, ServeConfigError, find_serve_config, parse_plan, parse_request_args,
+                                   parse_serve_config)
+
+
+def test_plan_strings_and_lists():
+    assert parse_plan("ese") == ["execute", "skip", "execute"]
+    assert parse_plan(["skip", 1, "execute"]) == ["skip", "execute", "execute"]
+    with pytest.raises(ServeConfigError, match="letters"):
+        parse_plan("exq")
+    with pytest.raises(ServeConfigError, match="3 entries but the model has 4"):
+        parse_plan("eee", 4)
+
+
+def test_serve_config_validation(tmp_path):
+    cfg = parse_serve_config({"artifacts": {"a": str(tmp_path), "b": {"path": str(tmp_path), "skip_bias": 0.5}},
+                              "default": "a"})
+    assert not cfg.static and cfg.default == "a" and cfg.artifacts["b"].overrides == {"skip_bias": 0.5}
+    assert parse_serve_config({"plan": "ees"}).static
+    assert parse_serve_config({"plan": "ees"}).plan == ["execute", "execute", "skip"]
+    with pytest.raises(ServeConfigError, match="unknown keys"):
+        parse_serve_config({"plans": []})
+    with pytest.raises(ServeConfigError, match="default 'x'"):
+        parse_serve_config({"artifacts": {"a": "p"}, "default": "x"})
+    with pytest.raises(ServeConfigError, match="reserved"):
+        parse_serve_config({"artifacts": {"none": "p"}})
+    with pytest.raises(ServeConfigError, match="either"):
+        parse_serve_config({"artifacts": {"a": "p"}, "plan": "e"})
+    with pytest.raises(ServeConfigError, match="not valid JSON"):
+        parse_serve_config("{oops")
+    f = tmp_path / "serve.json"
+    f.write_text(json.dumps({"plan": "se"}))
+    assert parse_serve_config(str(f)).plan == ["skip", "execute"]
+
+
+def test_find_serve_config_prefers_hf_overrides(monkeypatch):
+    monkeypatch.setenv(ENV, json.dumps({"plan": "ss"}))
+    assert find_serve_config(SimpleNamespace(retrofit={"plan": "ee"})).plan == ["execute", "execute"]
+    assert find_serve_config(SimpleNamespace()).plan == ["skip", "skip"]
+    monkeypatch.delenv(ENV)
+    assert find_serve_config(SimpleNamespace()) is None
+
+
+def test_request_args():
+    cfg = parse_serve_config({"artifacts": {"a": "p"}, "allow_request_plans": True})
+    assert parse_request_args({}, cfg).kind == "default"
+    assert parse_request_args({"retrofit": "none"}, cfg).kind == "none"
+    assert parse_request_args({"retrofit": "a"}, cfg).name == "a"
+    assert parse_request_args({"retrofit_plan": "se"}, cfg, 2).plan == ("skip", "execute")
+    with pytest.raises(ServeConfigError, match="unknown retrofit artifact 'b'"):
+        parse_request_args({"retrofit": "b"}, cfg)
+    with pytest.raises(ServeConfigError, match="repeat"):
+        parse_request_args({"retrofit_plan": "re"}, cfg, 2)
+    with pytest.raises(ServeConfigError, match="either"):
+        parse_request_args({"retrofit": "a", "retrofit_plan": "e"}, cfg)
+    with pytest.raises(ServeConfigError, match="allow_request_plans"):
+        parse_request_args({"retrofit_plan": "e"}, parse_serve_config({"artifacts": {"a": "p"}}))
+
+
+def _vllm_config(retrofit, mode=0, prefix=False, chunked=False):
+    return SimpleNamespace(
+        model_config=SimpleNamespace(hf_config=SimpleNamespace(retrofit=retrofit)),
+        compilation_config=SimpleNamespace(mode=mode),
+        cache_config=SimpleNamespace(enable_prefix_caching=prefix),
+        scheduler_config=SimpleNamespace(enable_chunked_prefill=chunked))
+
+
+def _artifacts(tmp_path):
+    """A routers artifact (repeat allowed, as `retrofit train` writes them) and a static-plan artifact."""
+    import retrofit
+    from retrofit.testing import tiny_model
+
+    model = tiny_model("llama", num_hidden_layers=4)
+    h = retrofit.attach(model, "drllm")
+    h.init_routers(seed=0)
+    h.save(tmp_path / "routers")
+    h.detach()
+    h = retrofit.attach(model, "drllm", plan=["execute", "skip", "execute", "execute"])
+    h.save(tmp_path / "plan")
+    h.detach()
+    return model
+
+
+def test_controller_refusals(tmp_path):
+    pytest.importorskip("vllm")
+    from retrofit.serve.vllm_model import RetrofitController
+
+    model = _artifacts(tmp_path)
+    L, d = 4, model.config.hidden_size
+    routers = str(tmp_path / "routers")
+    with pytest.raises(ServeConfigError, match="allow_repeat': false"):
+        RetrofitController(_vllm_config({"artifacts": {"r": routers}}), L, d)
+    ok = {"artifacts": {"r": {"path": routers, "allow_repeat": False}, "p": str(tmp_path / "plan")}}
+    ctl = RetrofitController(_vllm_config(ok), L, d)
+    assert ctl.dynamic and ctl.served["p"].plan.tolist() == [1, 0, 1, 1]
+    assert ctl.served["r"].bias.tolist()[2] == float("-inf")  # repeat never chosen
+    with pytest.raises(ServeConfigError, match="enforce_eager"):
+        RetrofitController(_vllm_config(ok, mode=3), L, d)
+    with pytest.raises(ServeConfigError, match="prefix caching"):
+        RetrofitController(_vllm_config(ok, prefix=True), L, d)
+    with pytest.raises(ServeConfigError, match="chunked"):
+        RetrofitController(_vllm_config(ok, chunked=True), L, d)
+    with pytest.raises(ServeConfigError, match="repeat"):
+        RetrofitController(_vllm_config({"plan": "eree"}), L, d)
+    static = RetrofitController(_vllm_config({"plan": "esee"}, mode=3, prefix=True, chunked=True), L, d)
+    assert not static.dynamic and static.static_skip == [False, True, False, False]
+    with pytest.raises(ServeConfigError, match="needs a retrofit serve config"):
+        RetrofitController(_vllm_config(None), L, d)

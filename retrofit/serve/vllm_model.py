@@ -225,7 +225,7 @@ class RetrofitController:
         st = self.step
         if st is None:
             if self.static_skip[i]:  # a plain bool: traced into the graph when vLLM compiles
-                return hidden, residual
+                return _passthrough(hidden, residual)
             return forward(positions, hidden, residual)
         for r, served in st.deciding:
             s, e = st.qsl[r], st.qsl[r + 1]
@@ -237,7 +237,7 @@ class RetrofitController:
             st.acts[r, i] = router.decide(means, window_weights(valid).to(stream.device), served.bias).item()
         run = st.acts[:, i] != SKIP
         if not bool(run.any()):
-            return hidden, residual
+            return _passthrough(hidden, residual)
         self.layers_run += 1
         new_h, new_r = forward(positions, hidden, residual)
         if bool(run.all()):
@@ -252,6 +252,13 @@ class RetrofitController:
             tm = tm.to(hidden.device).unsqueeze(1)
         old_r = residual if residual is not None else torch.zeros_like(hidden)
         return torch.where(tm, new_h, hidden), torch.where(tm, new_r, old_r)
+
+
+def _passthrough(hidden, residual):
+    """A skipped layer: the stream (hidden + residual) unchanged. Before the first executed layer vLLM's residual
+    is None; it becomes zeros here so the final norm (which expects a residual once any layer ran) still works
+    when every layer is skipped: hidden + 0 is exact."""
+    return hidden, (residual if residual is not None else torch.zeros_like(hidden))
 
 
 class RetrofitLlamaDecoderLayer(LlamaDecoderLayer):

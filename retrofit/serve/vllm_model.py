@@ -156,8 +156,8 @@ class RetrofitController:
         return row.choice
 
     def begin(self):
-        self.steps += 1
         if not self.dynamic:
+            self.steps += 1
             self.step = None
             return
         md = get_forward_context().attn_metadata if is_forward_context_available() else None
@@ -166,6 +166,7 @@ class RetrofitController:
         if not md:  # profiling / warm-up run: execute everything
             self.step = None
             return
+        self.steps += 1  # real steps only (profiling and warm-up runs have no attention metadata)
         meta = next(iter(md.values()))
         qsl = meta.query_start_loc.tolist()
         seq_lens = meta.seq_lens.tolist()
@@ -252,6 +253,15 @@ class RetrofitController:
             tm = tm.to(hidden.device).unsqueeze(1)
         old_r = residual if residual is not None else torch.zeros_like(hidden)
         return torch.where(tm, new_h, hidden), torch.where(tm, new_r, old_r)
+
+
+def retrofit_counters(model) -> dict:
+    """Counters of a served retrofit model (``LLM.apply_model(retrofit_counters)``): forward steps, decoder-layer
+    passes run (a layer run for any row of a step counts once), router plans decided."""
+    ctl = getattr(model, "retrofit", None)
+    if ctl is None:
+        return {}
+    return {"steps": ctl.steps, "layers_run": ctl.layers_run, "plans_decided": ctl.plans_decided}
 
 
 def _passthrough(hidden, residual):

@@ -72,6 +72,8 @@ def main():
     ap.add_argument("--gen-prompts", type=int, default=4)
     ap.add_argument("--gen-tokens", type=int, default=256)
     ap.add_argument("--variants", default="all_layers,least_confident,most_confident")
+    ap.add_argument("--generation-only", action="store_true",
+                    help="re-measure only the generation overhead and update it in --out (the rest is kept)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "reroute.json"))
     args = ap.parse_args()
 
@@ -102,6 +104,14 @@ def main():
 
     # ---- data (the same for every variant)
     text_ids = tok(heldout_text()[:400_000])["input_ids"]
+    if args.generation_only:
+        out = json.loads(Path(args.out).read_text())
+        gen = generation_overhead(model, text_ids, args, log)
+        out.update({"time_overhead": gen["time_overhead"], "generation": gen,
+                    "generation_command": "OMP_NUM_THREADS=1 python " + " ".join(sys.argv)})
+        Path(args.out).write_text(json.dumps(out, indent=1))
+        log(f"updated {args.out}")
+        return
     W = args.ctx + args.cont
     stride = max(W, (len(text_ids) - W) // max(args.chunks, 1))
     chunks = [torch.tensor(text_ids[s:s + W]) for s in range(0, len(text_ids) - W, stride)][:args.chunks]

@@ -68,14 +68,20 @@ def test_concurrent_mixed_requests_equal_serial_and_hf(served, smollm2):
     for k in (1, 2, 3):
         assert sum(ans[k * n + i] != ans[i] for i in range(n)) >= n // 2, k
     # base and the static plan equal retrofit's HF runtime (greedy, one prompt at a time)
+    from transformers import GenerationConfig
+
+    from retrofit.models import default_model_dir
+
     model, tok = smollm2
+    # vLLM stops at the EOS ids of the folder's generation_config.json; other tests change the shared model's
+    eos = GenerationConfig.from_pretrained(default_model_dir()).eos_token_id
     for k, skips in ((0, None), (2, SKIP5), (3, [i for i, c in enumerate(PLAN2) if c == "s"])):
         h = retrofit.attach(model, "drllm", plan=_plan(skips)) if skips else None
         try:
             for i, p in enumerate(PROMPTS):
                 ids = tok(p, return_tensors="pt").input_ids
                 with torch.no_grad():
-                    g = model.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:]
+                    g = model.generate(ids, max_new_tokens=16, do_sample=False, eos_token_id=eos)[0, ids.shape[1]:]
                 assert tok.decode(g, skip_special_tokens=True) == ans[k * n + i], (k, i)
         finally:
             if h is not None:

@@ -79,14 +79,14 @@ class _Served:
 
 
 class _Step:
-    __slots__ = ("acts", "token_run", "qsl", "deciding", "rows")
+    __slots__ = ("acts", "counts", "qsl", "deciding", "rows")
 
     def __init__(self, acts, qsl, deciding, rows):
         self.acts = acts  # [R, L] long
         self.qsl = qsl  # list of R + 1 token offsets
         self.deciding = deciding  # [(row, served)]
         self.rows = rows
-        self.token_run = {}
+        self.counts = None  # tokens per row, built on first use
 
 
 class RetrofitController:
@@ -243,14 +243,13 @@ class RetrofitController:
         new_h, new_r = forward(positions, hidden, residual)
         if bool(run.all()):
             return new_h, new_r
-        tm = st.token_run.get(i)
-        if tm is None:
-            counts = torch.tensor([st.qsl[r + 1] - st.qsl[r] for r in range(len(st.qsl) - 1)])
-            tm = torch.repeat_interleave(run, counts)
-            pad = hidden.shape[0] - tm.shape[0]
-            if pad > 0:
-                tm = torch.cat([tm, torch.ones(pad, dtype=torch.bool)])
-            tm = tm.to(hidden.device).unsqueeze(1)
+        if st.counts is None:
+            st.counts = torch.tensor([st.qsl[r + 1] - st.qsl[r] for r in range(len(st.qsl) - 1)])
+        tm = torch.repeat_interleave(run, st.counts)  # the row's decision for each of its tokens
+        pad = hidden.shape[0] - tm.shape[0]
+        if pad > 0:  # padding tokens (no row): computed like any other
+            tm = torch.cat([tm, torch.ones(pad, dtype=torch.bool)])
+        tm = tm.to(hidden.device).unsqueeze(1)
         old_r = residual if residual is not None else torch.zeros_like(hidden)
         return torch.where(tm, new_h, hidden), torch.where(tm, new_r, old_r)
 

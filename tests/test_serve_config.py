@@ -112,3 +112,27 @@ def test_controller_refusals(tmp_path):
     assert not static.dynamic and static.static_skip == [False, True, False, False]
     with pytest.raises(ServeConfigError, match="needs a retrofit serve config"):
         RetrofitController(_vllm_config(None), L, d)
+
+
+def test_served_weights_fingerprint_is_checked(tmp_path):
+    """The plugin hashes the weights vLLM loads (HF names) like retrofit.artifacts.fingerprint does."""
+    pytest.importorskip("vllm")
+    from retrofit.artifacts import ArtifactError
+    from retrofit.serve.vllm_model import RetrofitController
+    from retrofit.testing import tiny_model
+
+    model = _artifacts(tmp_path)
+    hf = model.config
+    hf.retrofit = {"artifacts": {"p": str(tmp_path / "plan")}}
+    vcfg = _vllm_config(None)
+    vcfg.model_config.hf_config = hf
+    names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+             "model.layers.3.self_attn.q_proj.weight"]
+    sd = model.state_dict()
+    ctl = RetrofitController(vcfg, 4, hf.hidden_size)
+    ctl.fingerprint_tensors = {n: sd[n] for n in names}
+    ctl.check_fingerprints(hf, "LlamaForCausalLM")  # the same weights: accepted
+    other = tiny_model("llama", seed=1, num_hidden_layers=4).state_dict()
+    ctl.fingerprint_tensors = {n: other[n] for n in names}
+    with pytest.raises(ArtifactError, match="made for another base model"):
+        ctl.check_fingerprints(hf, "LlamaForCausalLM")

@@ -79,7 +79,7 @@ class _Served:
 
 
 class _Step:
-    __slots__ = ("acts", "counts", "qsl", "deciding", "rows")
+    __slots__ = ("acts", "counts", "qsl", "deciding", "rows", "pools")
 
     def __init__(self, acts, qsl, deciding, rows):
         self.acts = acts  # [R, L] long
@@ -87,6 +87,7 @@ class _Step:
         self.deciding = deciding  # [(row, served)]
         self.rows = rows
         self.counts = None  # tokens per row, built on first use
+        self.pools = {}  # row -> (averaging matrix, window weights) of a deciding row
 
 
 class RetrofitController:
@@ -204,8 +205,10 @@ class RetrofitController:
                 if served.plan is not None:
                     row.plan = served.plan
                 else:
-                    qlen = qsl[r + 1] - qsl[r]
-                    if seq_lens[r] != qlen or (row.prompt_len is not None and qlen != row.prompt_len):
+                    # A new row computes its whole sequence in this step (the prompt; after a preemption, the
+                    # prompt and the output so far). Anything else means chunked prefill or prefix caching,
+                    # both refused at start-up.
+                    if seq_lens[r] != qsl[r + 1] - qsl[r]:
                         raise RuntimeError("retrofit routers need the whole prompt in one step; chunked prefill "
                                            "or prefix caching split it (turn both off)")
                     deciding.append((r, served))
@@ -231,11 +234,12 @@ class RetrofitController:
         for r, served in st.deciding:
             s, e = st.qsl[r], st.qsl[r + 1]
             stream = hidden[s:e] if residual is None else hidden[s:e] + residual[s:e]
-            mask = torch.ones(1, e - s, dtype=torch.long)
-            A, valid = window_matrix(mask, served.config.num_windows)
-            means = torch.bmm(A.to(stream.device), stream.float().unsqueeze(0))
-            router = served.routers[i]
-            st.acts[r, i] = router.decide(means, window_weights(valid).to(stream.device), served.bias).item()
+            pool = st.pools.get(r)
+            if pool is None:  # the row's averaging matrix, the same for every layer of this prefill
+                A, valid = window_matrix(torch.ones(1, e - s, dtype=torch.long), served.config.num_windows)
+                pool = st.pools[r] = (A.to(stream.device), window_weights(valid).to(stream.device))
+            means = torch.bmm(pool[0], stream.float().unsqueeze(0))
+            st.acts[r, i] = served.routers[i].decide(means, pool[1], served.bias).item()
         run = st.acts[:, i] != SKIP
         if not bool(run.any()):
             return _passthrough(hidden, residual)

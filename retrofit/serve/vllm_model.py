@@ -79,14 +79,15 @@ class _Served:
 
 
 class _Step:
-    __slots__ = ("acts", "counts", "qsl", "deciding", "rows", "pools")
+    __slots__ = ("acts", "qsl", "deciding", "rows", "pools", "layer_any", "layer_all", "tok_run")
 
     def __init__(self, acts, qsl, deciding, rows):
         self.acts = acts  # [R, L] long
         self.qsl = qsl  # list of R + 1 token offsets
         self.deciding = deciding  # [(row, served)]
         self.rows = rows
-        self.counts = None  # tokens per row, built on first use
+        self.layer_any = self.layer_all = None  # per-layer "any / every row runs it" (decode-only steps)
+        self.tok_run = None  # [T, L, 1] per-token run mask (decode-only steps with mixed plans)
         self.pools = {}  # row -> (averaging matrix, window weights) of a deciding row
 
 
@@ -214,7 +215,13 @@ class RetrofitController:
                     deciding.append((r, served))
                     continue
             acts[r] = row.plan
-        self.step = _Step(acts, qsl, deciding, rows)
+        st = self.step = _Step(acts, qsl, deciding, rows)
+        if not deciding:  # every row's plan is known: per-layer decisions and token masks once for the step
+            run = acts != SKIP
+            st.layer_any = run.any(0).tolist()
+            st.layer_all = run.all(0).tolist()
+            if not all(st.layer_all):
+                st.tok_run = self._token_mask(st, run)  # [T, L, 1]
 
     def end(self):
         st = self.step
@@ -240,22 +247,37 @@ class RetrofitController:
                 pool = st.pools[r] = (A.to(stream.device), window_weights(valid).to(stream.device))
             means = torch.bmm(pool[0], stream.float().unsqueeze(0))
             st.acts[r, i] = served.routers[i].decide(means, pool[1], served.bias).item()
-        run = st.acts[:, i] != SKIP
-        if not bool(run.any()):
+        if st.layer_any is not None:  # decode-only step: decided in begin()
+            any_run, all_run = st.layer_any[i], st.layer_all[i]
+        else:
+            run = st.acts[:, i] != SKIP
+            any_run, all_run = bool(run.any()), bool(run.all())
+        if not any_run:
             return _passthrough(hidden, residual)
         self.layers_run += 1
         new_h, new_r = forward(positions, hidden, residual)
-        if bool(run.all()):
+        if all_run:
             return new_h, new_r
-        if st.counts is None:
-            st.counts = torch.tensor([st.qsl[r + 1] - st.qsl[r] for r in range(len(st.qsl) - 1)])
-        tm = torch.repeat_interleave(run, st.counts)  # the row's decision for each of its tokens
-        pad = hidden.shape[0] - tm.shape[0]
-        if pad > 0:  # padding tokens (no row): computed like any other
-            tm = torch.cat([tm, torch.ones(pad, dtype=torch.bool)])
-        tm = tm.to(hidden.device).unsqueeze(1)
+        if st.tok_run is not None:
+            tm = st.tok_run[:, i]
+        else:
+            tm = self._token_mask(st, (st.acts[:, i] != SKIP).unsqueeze(1), hidden.shape[0])[:, 0]
+        if tm.shape[0] != hidden.shape[0]:
+            tm = self._token_mask(st, st.acts[:, i:i + 1] != SKIP, hidden.shape[0])[:, 0]
+        tm = tm.to(hidden.device)
         old_r = residual if residual is not None else torch.zeros_like(hidden)
         return torch.where(tm, new_h, hidden), torch.where(tm, new_r, old_r)
+
+    @staticmethod
+    def _token_mask(st: "_Step", run: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
+        """Per-row decisions [R, n] -> per-token [T, n, 1] (a row's tokens are contiguous, in batch order);
+        padding tokens after the last row (no row) are computed like any other."""
+        counts = torch.tensor([st.qsl[r + 1] - st.qsl[r] for r in range(len(st.qsl) - 1)])
+        tm = torch.repeat_interleave(run, counts, dim=0)
+        total = num_tokens if num_tokens is not None else st.qsl[-1]
+        if total > tm.shape[0]:
+            tm = torch.cat([tm, torch.ones(total - tm.shape[0], run.shape[1], dtype=torch.bool)])
+        return tm.unsqueeze(-1)
 
 
 def retrofit_counters(model) -> dict:

@@ -20,6 +20,18 @@ from retrofit.serve.config import parse_serve_config
 ARCH = "RetrofitLlamaForCausalLM"
 
 
+def retrofit_architecture(model: str) -> str:
+    """The retrofit architecture name for a model folder (its config's first architecture, prefixed)."""
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
+    from retrofit.serve.vllm_plugin import ARCHITECTURES
+
+    name = f"Retrofit{arch}"
+    if name not in ARCHITECTURES:
+        raise ValueError(f"the vLLM plugin serves {sorted(a[8:] for a in ARCHITECTURES)}, not {arch}")
+    return name
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -33,7 +45,8 @@ def server_command(model: str, config: dict | None, port: int, host: str = "127.
            "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len), "--seed", "0"]
     if config is not None:
         cfg = parse_serve_config(config)  # fail here, not in the server's worker
-        cmd += ["--hf-overrides", json.dumps({"architectures": [ARCH], "retrofit": config})]
+        arch = retrofit_architecture(model) if (Path(model) / "config.json").is_file() else ARCH
+        cmd += ["--hf-overrides", json.dumps({"architectures": [arch], "retrofit": config})]
         if not cfg.static:
             cmd += ["--enforce-eager", "--no-enable-prefix-caching", "--no-enable-chunked-prefill",
                     "--max-num-batched-tokens", str(max(max_model_len, 2048))]

@@ -25,8 +25,10 @@ import torch
 
 from vllm.config import CompilationMode
 from vllm.forward_context import get_forward_context, is_forward_context_available
-from vllm.model_executor.models.llama import LlamaDecoderLayer, LlamaForCausalLM
-from vllm.model_executor.models.utils import extract_layer_index
+from vllm.model_executor.models.llama import LlamaForCausalLM
+from vllm.model_executor.models.mistral import MistralForCausalLM
+from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
+from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from retrofit.artifacts import ArtifactError, compare_fingerprint, fingerprint_of, load_artifact
 from retrofit.methods.drllm.config import EXECUTE, REPEAT, SKIP, DrLLMConfig
@@ -35,7 +37,8 @@ from retrofit.serve.config import RequestChoice, ServeConfigError, find_serve_co
 
 log = init_logger("vllm.retrofit")
 
-__all__ = ["RetrofitLlamaForCausalLM"]
+__all__ = ["RetrofitLlamaForCausalLM", "RetrofitQwen2ForCausalLM", "RetrofitQwen3ForCausalLM",
+           "RetrofitMistralForCausalLM", "retrofit_counters"]
 
 
 class _Served:
@@ -296,41 +299,51 @@ def _passthrough(hidden, residual):
     return hidden, (residual if residual is not None else torch.zeros_like(hidden))
 
 
-class RetrofitLlamaDecoderLayer(LlamaDecoderLayer):
-    def __init__(self, vllm_config, prefix: str = "", **kw):
-        super().__init__(vllm_config=vllm_config, prefix=prefix, **kw)
-        self.retrofit_index = extract_layer_index(prefix)
-        self._retrofit_ctl = None  # set by the model (a plain attribute, not a submodule)
-
-    def forward(self, positions, hidden_states, residual):
-        ctl = self._retrofit_ctl
-        if ctl is None:
-            return super().forward(positions, hidden_states, residual)
-        return ctl.run_layer(self.retrofit_index, super().forward, positions, hidden_states, residual)
+_LAYER_CLASSES: dict[type, type] = {}
 
 
-class RetrofitLlamaForCausalLM(LlamaForCausalLM):
-    """vLLM's LlamaForCausalLM (Llama, SmolLM2, ...) with retrofit Dr.LLM plans; see the module docstring."""
+def _retrofit_layer_class(cls: type) -> type:
+    """A subclass of a vLLM decoder layer whose forward(positions, hidden_states, residual) follows the plan."""
+    sub = _LAYER_CLASSES.get(cls)
+    if sub is None:
+        def forward(self, positions, hidden_states, residual, **kw):
+            ctl = self._retrofit_ctl
+            base = super(sub, self).forward
+            if ctl is None:
+                return base(positions, hidden_states, residual, **kw)
+            return ctl.run_layer(self.retrofit_index, lambda p, h, r: base(p, h, r, **kw), positions,
+                                 hidden_states, residual)
 
-    hf_architecture = "LlamaForCausalLM"
+        sub = type(f"Retrofit{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
+        _LAYER_CLASSES[cls] = sub
+    return sub
 
-    def __init__(self, *, vllm_config, prefix: str = "", layer_type=RetrofitLlamaDecoderLayer):
-        super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
+
+class _RetrofitMixin:
+    """Turns a vLLM causal LM whose decoder layers take (positions, hidden_states, residual) into a retrofit one:
+    each layer's class is swapped for a plan-following subclass (same module, same weights, same cache)."""
+
+    hf_architecture = ""
+
+    def _retrofit_init(self, vllm_config):
         hf = vllm_config.model_config.hf_config
-        layers = [m for m in self.model.layers if isinstance(m, RetrofitLlamaDecoderLayer)]
         ctl = RetrofitController(vllm_config, int(hf.num_hidden_layers), int(hf.hidden_size))
-        for layer in layers:
+        for i, layer in enumerate(self.model.layers):  # the ModuleList index is the layer index
+            if not hasattr(layer, "self_attn"):  # pipeline-parallel placeholder
+                continue
+            layer.__class__ = _retrofit_layer_class(type(layer))
+            object.__setattr__(layer, "retrofit_index", i)
             object.__setattr__(layer, "_retrofit_ctl", ctl)
         object.__setattr__(self, "retrofit", ctl)
-        log.info("retrofit: %s mode, artifacts %s, default %r, static skips %s",
-                 "per-request" if ctl.dynamic else "static", sorted(ctl.served), ctl.cfg.default,
-                 [i for i, s in enumerate(ctl.static_skip) if s])
+        log.info("retrofit: %s on %s, %s mode, artifacts %s, default %r, static skips %s", type(self).__name__,
+                 self.hf_architecture, "per-request" if ctl.dynamic else "static", sorted(ctl.served),
+                 ctl.cfg.default, [i for i, s in enumerate(ctl.static_skip) if s])
 
-    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None):
+    def forward(self, input_ids, positions, intermediate_tensors=None, inputs_embeds=None, **kw):
         ctl = self.retrofit
         ctl.begin()
         try:
-            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds)
+            return super().forward(input_ids, positions, intermediate_tensors, inputs_embeds, **kw)
         finally:
             ctl.end()
 
@@ -349,3 +362,17 @@ class RetrofitLlamaForCausalLM(LlamaForCausalLM):
         ctl.check_fingerprints(self.config, self.hf_architecture)
         return out
 
+
+def _make(base: type, doc: str) -> type:
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        base.__init__(self, vllm_config=vllm_config, prefix=prefix)
+        self._retrofit_init(vllm_config)
+
+    return type(f"Retrofit{base.__name__}", (_RetrofitMixin, base),
+                {"__init__": __init__, "hf_architecture": base.__name__, "__doc__": doc, "__module__": __name__})
+
+
+RetrofitLlamaForCausalLM = _make(LlamaForCausalLM, "vLLM's LlamaForCausalLM (Llama, SmolLM2) with retrofit plans.")
+RetrofitQwen2ForCausalLM = _make(Qwen2ForCausalLM, "vLLM's Qwen2ForCausalLM with retrofit plans.")
+RetrofitQwen3ForCausalLM = _make(Qwen3ForCausalLM, "vLLM's Qwen3ForCausalLM with retrofit plans.")
+RetrofitMistralForCausalLM = _make(MistralForCausalLM, "vLLM's MistralForCausalLM with retrofit plans.")

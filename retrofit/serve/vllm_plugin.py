@@ -7,9 +7,8 @@ them with ``hf_overrides={"architectures": ["RetrofitLlamaForCausalLM"], "retrof
 
 from __future__ import annotations
 
-ARCHITECTURES = {
-    "RetrofitLlamaForCausalLM": "retrofit.serve.vllm_model:RetrofitLlamaForCausalLM",
-}
+ARCHITECTURES = {f"Retrofit{a}": f"retrofit.serve.vllm_model:Retrofit{a}"
+                 for a in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")}
 
 
 def register() -> None:

@@ -1,8 +1,9 @@
-"""Dr.LLM plans and routers inside vLLM: a Llama-family model class whose decoder layers follow a plan.
+"""Dr.LLM plans and routers inside vLLM: vLLM's own model classes whose decoder layers follow a plan.
 
-``RetrofitLlamaForCausalLM`` is vLLM's own ``LlamaForCausalLM`` built with a decoder-layer subclass (vLLM's
-``layer_type`` argument); the weights, attention, KV cache and sampling are vLLM's. A layer returns its
-``(hidden_states, residual)`` unchanged to skip. Two modes, chosen from the serve config at load time:
+``RetrofitLlamaForCausalLM`` (and the Qwen2, Qwen3 and Mistral ones) is vLLM's own class; after it is built,
+each decoder layer's class is swapped for a subclass whose forward consults the plan (same module, weights
+and KV-cache slot); attention, cache and sampling are vLLM's. A layer returns its ``(hidden_states,
+residual)`` unchanged to skip. Two modes, chosen from the serve config at load time:
 
 * **static** (one server-wide plan, no artifacts, no per-request plans): the skipped layers are fixed
   Python booleans, so they cost nothing and the model still compiles (torch.compile traces the plan in).
@@ -20,11 +21,10 @@ spec does not give a layer here); routers are served with repeat masked (``allow
 
 from __future__ import annotations
 
-from vllm.logger import init_logger
 import torch
-
 from vllm.config import CompilationMode
 from vllm.forward_context import get_forward_context, is_forward_context_available
+from vllm.logger import init_logger
 from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM

@@ -90,8 +90,8 @@ class RetrofitBatchMirror(LogitsProcessor):
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         bad = [i for i, r in enumerate(self.rows[: logits.shape[0]]) if r is not None and r.error]
-        if bad and self.eos:
-            keep = logits[bad][:, self.eos].clone()
-            logits[bad] = float("-inf")
-            logits[torch.tensor(bad).unsqueeze(1), torch.tensor(self.eos).unsqueeze(0)] = keep.clamp(min=0)
+        if bad and self.eos:  # end these rows now: EOS is the only token left
+            rows = torch.tensor(bad, device=logits.device)
+            logits[rows] = float("-inf")
+            logits[rows.unsqueeze(1), torch.tensor(self.eos, device=logits.device).unsqueeze(0)] = 0.0
         return logits

@@ -82,13 +82,10 @@ def main():
     from retrofit.moe.moefy import heldout_text
     from retrofit.search.tasks import load_task
 
-    t_start = time.time()
-    log_lines = []
+    from runlog import RunLog
 
-    def log(msg):
-        msg = f"[{time.time() - t_start:7.0f}s] {msg}"
-        print(msg, flush=True)
-        log_lines.append(msg)
+    log = RunLog()
+    t_start, log_lines = log.t0, log.lines
 
     torch.manual_seed(0)
     model, tok = load(args.tiny)

@@ -108,13 +108,10 @@ def main():
     from retrofit.methods.roma.train import embed_texts
     from retrofit.search.tasks import load_task
 
-    t_start = time.time()
-    lines = []
+    from runlog import RunLog
 
-    def log(msg):
-        msg = f"[{time.time() - t_start:7.0f}s] {msg}"
-        print(msg, flush=True)
-        lines.append(msg)
+    log = RunLog()
+    t_start, lines = log.t0, log.lines
 
     torch.manual_seed(args.seed)
     testbed = _testbed_summary(args.tiny)  # read when the model is loaded: a rebuild later must not be reported

@@ -112,13 +112,10 @@ def main():
                                         steering_masks)
     from retrofit.search.tasks import data_dir
 
-    t_start = time.time()
-    log_lines = []
+    from runlog import RunLog
 
-    def log(msg):
-        msg = f"[{time.time() - t_start:7.0f}s] {msg}"
-        print(msg, flush=True)
-        log_lines.append(msg)
+    log = RunLog()
+    t_start, log_lines = log.t0, log.lines
 
     D = data_dir()
     langs = [l for l in args.langs.split(",") if l]

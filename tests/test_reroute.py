@@ -97,16 +97,22 @@ def test_adaptation_lowers_prompt_loss(family):
     h.detach()
 
 
+def _left_padded(a, b):
+    """A batch of the one-row prompts a and b (b shorter), b left-padded; and its attention mask."""
+    T = a.shape[1]
+    batch = torch.zeros(2, T, dtype=torch.long)
+    mask = torch.zeros(2, T, dtype=torch.long)
+    batch[0], mask[0] = a[0], 1
+    batch[1, T - b.shape[1]:], mask[1, T - b.shape[1]:] = b[0], 1
+    return batch, mask
+
+
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 @pytest.mark.parametrize("order", ["least_confident", "most_confident"])
 def test_batch_rows_adapt_independently(family, order):
     model = tiny_model(family)
     a, b = _ids(B=1, T=10, seed=5), _ids(B=1, T=7, seed=6)
-    # left-pad b into a batch with a
-    batch = torch.zeros(2, 10, dtype=torch.long)
-    mask = torch.zeros(2, 10, dtype=torch.long)
-    batch[0], mask[0] = a[0], 1
-    batch[1, 3:], mask[1, 3:] = b[0], 1
+    batch, mask = _left_padded(a, b)
     h = retrofit.attach(model, "reroute", steps=4, num_layers=2, layer_order=order)
     h.adapt(batch, mask)
     d_batch, m_batch = h.delta.clone(), h.layer_mask.clone()
@@ -197,10 +203,7 @@ def test_explicit_layers():
 def test_generate_left_padded_batch_equals_rows_alone(family):
     model = tiny_model(family)
     a, b = _ids(B=1, T=9, seed=12), _ids(B=1, T=6, seed=13)
-    batch = torch.zeros(2, 9, dtype=torch.long)
-    mask = torch.zeros(2, 9, dtype=torch.long)
-    batch[0], mask[0] = a[0], 1
-    batch[1, 3:], mask[1, 3:] = b[0], 1
+    batch, mask = _left_padded(a, b)
     h = retrofit.attach(model, "reroute", steps=3, interval=3, num_layers=2)
     kw = dict(max_new_tokens=7, do_sample=False, pad_token_id=0)
     g = model.generate(batch, attention_mask=mask, **kw)

@@ -126,13 +126,16 @@ def test_served_weights_fingerprint_is_checked(tmp_path):
     hf.retrofit = {"artifacts": {"p": str(tmp_path / "plan")}}
     vcfg = _vllm_config(None)
     vcfg.model_config.hf_config = hf
-    names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-             "model.layers.3.self_attn.q_proj.weight"]
     sd = model.state_dict()
     ctl = RetrofitController(vcfg, 4, hf.hidden_size)
+    names = ctl.fingerprint_names
+    assert names[2] == "model.layers.3.self_attn.q_proj.weight" and all(n in sd for n in names)
     ctl.fingerprint_tensors = {n: sd[n] for n in names}
     ctl.check_fingerprints(hf, "LlamaForCausalLM")  # the same weights: accepted
     other = tiny_model("llama", seed=1, num_hidden_layers=4).state_dict()
     ctl.fingerprint_tensors = {n: other[n] for n in names}
     with pytest.raises(ArtifactError, match="made for another base model"):
+        ctl.check_fingerprints(hf, "LlamaForCausalLM")
+    ctl.fingerprint_tensors = {n: sd[n] for n in names[:2]}
+    with pytest.raises(ArtifactError, match="cannot be checked"):
         ctl.check_fingerprints(hf, "LlamaForCausalLM")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -33,6 +32,7 @@ def register(app: typer.Typer) -> None:
         Extra arguments after the options go to vLLM unchanged. Requests choose per call with
         ``extra_body={"vllm_xargs": {"retrofit": "NAME"}}`` (or "none"); see docs/serve.md.
         """
+        from retrofit.artifacts import ArtifactError, read_meta
         from retrofit.serve.config import ServeConfigError, parse_serve_config
         from retrofit.serve.launch import server_command
 
@@ -45,9 +45,12 @@ def register(app: typer.Typer) -> None:
             name, sep, path = a.partition("=")
             if not sep:
                 raise typer.BadParameter(f"--artifact {a!r}: use NAME=FOLDER")
-            meta = json.loads((Path(path) / "retrofit.json").read_text()) if (Path(path) / "retrofit.json").is_file() else {}
+            try:
+                cfg = read_meta(path)["config"]
+            except ArtifactError as e:
+                raise typer.BadParameter(f"--artifact {name}: {e}") from None
             spec = {"path": str(Path(path).resolve())}
-            if meta.get("config", {}).get("allow_repeat", False) and meta.get("config", {}).get("plan") is None:
+            if cfg.get("allow_repeat", False) and cfg.get("plan") is None:  # routers: serve with repeat masked
                 spec["allow_repeat"] = False
             arts[name] = spec
         cfg = {"artifacts": arts, "default": default, "allow_request_plans": request_plans}

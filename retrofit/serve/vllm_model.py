@@ -140,15 +140,23 @@ class RetrofitController:
         self.fingerprint_tensors: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------ fingerprint
+    @property
+    def fingerprint_names(self) -> list[str]:
+        """HF names of the weights retrofit.artifacts.fingerprint hashes (embedding, first / last q_proj)."""
+        return ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
+                f"model.layers.{self.num_layers - 1}.self_attn.q_proj.weight"]
+
     def check_fingerprints(self, hf_config, architecture: str):
-        names = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-                 f"model.layers.{self.num_layers - 1}.self_attn.q_proj.weight"]
+        names = self.fingerprint_names
         missing = [n for n in names if n not in self.fingerprint_tensors]
-        if missing:
-            log.warning("retrofit: cannot fingerprint the served weights (missing %s); artifacts not checked", missing)
+        if not self.served:
+            self.fingerprint_tensors.clear()
             return
-        t = [self.fingerprint_tensors[names[0]][:64], self.fingerprint_tensors[names[1]],
-             self.fingerprint_tensors[names[2]]]
+        if missing:  # never serve an artifact unchecked
+            raise ArtifactError(f"retrofit: the served weights lack {missing}, so the artifacts' base-model "
+                                "fingerprint cannot be checked; serve this model without retrofit artifacts")
+        emb, first, last = (self.fingerprint_tensors[n] for n in names)
+        t = [emb[:64], first, last]
         actual = fingerprint_of(architecture, hf_config, self.num_layers, t)
         for s in self.served.values():
             compare_fingerprint(s.meta["base_model"], actual, s.path)
@@ -349,8 +357,7 @@ class _RetrofitMixin:
 
     def load_weights(self, weights):
         ctl = self.retrofit
-        want = {"model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-                f"model.layers.{ctl.num_layers - 1}.self_attn.q_proj.weight"}
+        want = set(ctl.fingerprint_names)
 
         def tap(it):
             for name, t in it:

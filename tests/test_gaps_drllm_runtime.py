@@ -1,0 +1,164 @@
+"""Dr.LLM runtime behaviour the older tests could not see (issue 15, mutations 6, 7 and 8).
+
+* ``stats()`` counts the block passes that really ran (a repeat is two), checked against hooks that count the
+  attention calls of every layer.
+* Routers pool over the real tokens only: with routers that provably react to padding, a left-padded row gets
+  the decisions of the same row unpadded, and its pooled features are those of the row alone.
+* Every ``generate()`` (a new KV cache object) is a new request: the plan is decided again, also when nothing
+  else (no plain ``model()`` call) happens in between.
+"""
+
+import torch
+
+import retrofit
+from retrofit.arch import get_adapter
+from retrofit.methods.drllm.router import RouterBank
+from retrofit.testing import tiny_model
+
+PASSES = {"skip": 0, "execute": 1, "repeat": 2}
+
+
+def _count_attention_calls(model):
+    """Forward hooks on each layer's self-attention: one call per block pass that runs."""
+    counts = [0] * len(get_adapter(model).layers(model))
+    hooks = []
+    for i, layer in enumerate(get_adapter(model).layers(model)):
+        def hook(m, a, o, i=i):
+            counts[i] += 1
+        hooks.append(layer.self_attn.register_forward_hook(hook))
+    return counts, hooks
+
+
+def test_stats_count_a_repeat_as_two_block_passes():
+    model = tiny_model("llama")
+    h = retrofit.attach(model, "drllm")
+    plans = [["repeat", "skip", "repeat", "execute"], ["execute", "repeat", "skip", "skip"]]
+    h.set_plan(plans)
+    counts, hooks = _count_attention_calls(model)
+    with torch.no_grad():
+        model(torch.randint(3, 128, (2, 9)))
+    for x in hooks:
+        x.remove()
+    s = h.stats()
+    # the block ran for the batch when any row needed it: layer 0 twice, 1 twice, 2 twice, 3 once
+    assert counts == [2, 2, 2, 1]
+    per_row = [sum(PASSES[a] for a in p) for p in plans]  # 5 and 3 passes
+    assert s["sequences"] == 2
+    assert s["mean_layers_executed"] == sum(per_row) / 2 == 4.0
+    assert s["layer_fraction"] == 1.0
+    assert s["action_counts"] == [[0, 1, 1], [1, 0, 1], [1, 0, 1], [1, 1, 0]]
+    # one row alone: the counted passes equal what its stats say
+    h.reset_stats()
+    h.set_plan(plans[0])
+    counts, hooks = _count_attention_calls(model)
+    with torch.no_grad():
+        model(torch.randint(3, 128, (1, 9)))
+    for x in hooks:
+        x.remove()
+    assert h.stats()["mean_layers_executed"] == sum(counts) == 5.0
+
+
+def _pad_sensitive_routers(model, num_windows):
+    """Routers that execute every layer on real tokens and skip as soon as a pad token enters a window mean.
+
+    The pad embedding (id 0) is made a large vector ``10 u`` with ``u`` orthogonal to every real token's
+    embedding; layer 0's router reads the window means along ``u`` (exactly 0 for real tokens, > 0 for any
+    window holding a pad) and its skip logit is ``10 * gelu(.)`` against an execute bias 0.1. Every later
+    router reads the same direction in its input hidden state. Returns the bank."""
+    emb = model.get_input_embeddings().weight
+    d = emb.shape[1]
+    g = torch.Generator().manual_seed(0)
+    u = torch.randn(d, generator=g)
+    u = u / u.norm()
+    with torch.no_grad():
+        emb -= (emb @ u).unsqueeze(1) * u  # every token embedding orthogonal to u ...
+        emb[0] = 10 * u  # ... except the pad token's
+    bank = RouterBank(len(get_adapter(model).layers(model)), d, bottleneck=4)
+    with torch.no_grad():
+        for r in bank.router:
+            r.fc1.weight.zero_()
+            r.fc1.bias.zero_()
+            r.fc2.weight.zero_()
+            r.fc2.bias.copy_(torch.tensor([0.0, 0.1, -10.0]))
+        r0 = bank.router[0]
+        r0.fc1.weight[0] = u
+        r0.fc2.weight[0, 0] = 10.0  # skip logit = 10 * gelu(means . u)
+    return bank
+
+
+def test_routers_ignore_left_padding_even_when_they_react_to_pads():
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = None
+    bank = _pad_sensitive_routers(model, num_windows=4)
+    h = retrofit.attach(model, "drllm", num_windows=4, bottleneck=4)
+    h.routers = bank
+    g = torch.Generator().manual_seed(2)
+    short, long = torch.randint(3, 128, (1, 5), generator=g), torch.randint(3, 128, (1, 9), generator=g)
+    ids = torch.cat([torch.cat([torch.zeros(1, 4, dtype=torch.long), short], 1), long])
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    with torch.no_grad():
+        # the routers do react to pads: pooling row 0 over all 9 positions (no mask) skips layer 0
+        model(ids[:1])
+        assert h.last_plans[0][0] == "skip"
+        batch = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        plans = h.last_plans
+        alone = [model.generate(x, max_new_tokens=4, do_sample=False) for x in (short, long)]
+        model(short)
+        plan_short = h.last_plans[0]
+    assert plan_short == ["execute"] * 4
+    assert plans == [plan_short, ["execute"] * 4]
+    assert torch.equal(batch[0, 4:], alone[0][0]) and torch.equal(batch[1], alone[1][0])
+    # the pooled features of the padded row are those of the row alone (layer 0 reads embeddings: exact)
+    f_pad, v_pad = h.collect_features(ids, attention_mask=mask)
+    f_alone, v_alone = h.collect_features(short)
+    assert torch.equal(v_pad[0], v_alone[0])
+    torch.testing.assert_close(f_pad[0, 0], f_alone[0, 0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(f_pad[0], f_alone[0], rtol=1e-4, atol=1e-4)
+
+
+def _greedy_nocache(model, ids, n):
+    for _ in range(n):
+        nxt = model(ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], 1)
+    return ids
+
+
+def test_each_generate_call_is_a_new_request():
+    """Back-to-back generate() calls (each makes a new cache; no model() call in between) each take the plan
+    that holds when they start, and each counts its sequences once."""
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = None
+    h = retrofit.attach(model, "drllm")
+    ids = torch.randint(3, 128, (2, 8))
+    plan_a = ["execute", "skip", "repeat", "execute"]
+    plan_b = [["skip", "repeat", "repeat", "skip"], ["execute"] * 4]
+    with torch.no_grad():
+        h.set_plan(plan_a)
+        ref_a = _greedy_nocache(model, ids, 5)
+        h.set_plan(plan_b)
+        ref_b = _greedy_nocache(model, ids, 5)
+        h.reset_stats()
+        h.set_plan(plan_a)
+        out_a = model.generate(ids, max_new_tokens=5, do_sample=False)
+        assert h.last_plans == [plan_a, plan_a]
+        h.set_plan(plan_b)
+        out_b = model.generate(ids, max_new_tokens=5, do_sample=False)
+        assert h.last_plans == plan_b
+        h.set_plan(plan_a)
+        out_a2 = model.generate(ids, max_new_tokens=5, do_sample=False)
+    assert torch.equal(out_a, ref_a) and torch.equal(out_b, ref_b) and torch.equal(out_a2, ref_a)
+    assert h.stats()["sequences"] == 6
+    # routers: a second prompt of the same batch size is decided from its own tokens
+    h.set_plan(None)
+    h.init_routers(seed=3)
+    other = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        model(other)
+        want = h.last_plans
+        model(ids)
+        first = h.last_plans
+        model.generate(ids, max_new_tokens=3, do_sample=False)
+        model.generate(other, max_new_tokens=3, do_sample=False)
+    assert want != first  # the two prompts get different plans from these routers
+    assert h.last_plans == want

@@ -28,29 +28,13 @@ import torch
 
 from retrofit.arch import get_adapter
 
-from .tasks import Example, extract_number, numbers_match
+from retrofit.core.data import (Example, continuation_logprobs, extract_number, numbers_match, pad_right,
+                                tokenize_request)
+from retrofit.core.plans import ACTIONS, action_passes, plan_unique_layers, validate_plan
+from retrofit.core.plans import plan_passes as plan_compute  # the old name, still imported by the search
 
-ACTIONS = ("skip", "execute", "repeat")
-__all__ = ["ACTIONS", "PlanEvaluator", "PlanResult", "plan_compute", "validate_plan", "naive_scores"]
-
-
-def validate_plan(plan, num_layers: int) -> tuple[str, ...]:
-    plan = tuple(plan)
-    if len(plan) != num_layers:
-        raise ValueError(f"a plan needs one action per decoder layer ({num_layers}), got {len(plan)}")
-    bad = [a for a in plan if a not in ACTIONS]
-    if bad:
-        raise ValueError(f"unknown plan actions {sorted(set(bad))}: use {ACTIONS}")
-    return plan
-
-
-def plan_compute(plan) -> int:
-    """Block passes of a plan (repeat counts 2)."""
-    return sum(1 if a == "execute" else 2 if a == "repeat" else 0 for a in plan)
-
-
-def plan_unique_layers(plan) -> int:
-    return sum(a != "skip" for a in plan)
+__all__ = ["ACTIONS", "PlanEvaluator", "PlanResult", "plan_compute", "plan_unique_layers", "validate_plan",
+           "naive_scores"]
 
 
 @dataclass
@@ -60,22 +44,6 @@ class PlanResult:
     correct: bool
     scores: list[float] | None = None  # per-choice log-likelihoods (mc)
     text: str | None = None  # generated text (gen)
-
-
-def _tokenize_request(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval's split: trailing context whitespace moves to the continuation; cont = enc(ctx+cont)[len(enc(ctx)):]."""
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces > 0:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
-    whole = tok(context + continuation, add_special_tokens=False)["input_ids"]
-    ctx = tok(context, add_special_tokens=False)["input_ids"]
-    cont = whole[len(ctx):]
-    if not cont:
-        raise ValueError(f"empty continuation after tokenisation: {continuation!r}")
-    if not ctx:  # score the first token from an EOS/BOS context, as lm-eval does for empty contexts
-        ctx = [tok.eos_token_id if tok.bos_token_id is None else tok.bos_token_id]
-    return ctx, cont
 
 
 class _Packed:
@@ -146,7 +114,7 @@ class PlanEvaluator:
         self._cache: dict[tuple, torch.Tensor] = {}
         self._results: dict[tuple, PlanResult] = {}
         if ex.kind == "mc":
-            reqs = [_tokenize_request(self.tok, c, x) for c, x in ex.requests()]
+            reqs = [tokenize_request(self.tok, c, x) for c, x in ex.requests()]
             self._packed = _Packed(reqs)
             ids = torch.tensor([self._packed.tokens], device=self.device)
             pos = torch.tensor([self._packed.depth], device=self.device)
@@ -170,7 +138,7 @@ class PlanEvaluator:
         """Results for ``plans`` (each a sequence of L actions), in order. Already-scored plans are not re-run."""
         if self.ex is None:
             raise RuntimeError("call set_example(example) first")
-        plans = [validate_plan(p, self.L) for p in plans]
+        plans = [tuple(validate_plan(p, self.L)) for p in plans]
         todo = list(dict.fromkeys(p for p in plans if p not in self._results))
         if todo:
             if self.ex.kind == "mc":
@@ -241,7 +209,7 @@ class PlanEvaluator:
         plan = validate_plan(plan, self.L)
         h, kw = self.adapter.prepare(self.model, input_ids)
         for j, a in enumerate(plan):
-            for _ in range({"skip": 0, "execute": 1, "repeat": 2}[a]):
+            for _ in range(action_passes(a)):
                 h = self.adapter.call_layer(self.layers[j], h, kw)
         return self.adapter.head(self.model, h)
 
@@ -274,19 +242,12 @@ def naive_scores(model, tokenizer, ex: Example, plan) -> list[float]:
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     plan = validate_plan(plan, len(layers))
-    reqs = [_tokenize_request(tokenizer, c, x) for c, x in ex.requests()]
-    seqs = [c + x for c, x in reqs]
-    T = max(len(s) for s in seqs)
+    reqs = [tokenize_request(tokenizer, c, x) for c, x in ex.requests()]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     dev = next(model.parameters()).device
-    ids = torch.tensor([s + [pad] * (T - len(s)) for s in seqs], device=dev)  # right padding: causal mask suffices
+    ids, _ = pad_right([c + x for c, x in reqs], pad, dev)  # right padding: the causal mask suffices
     h, kw = adapter.prepare(model, ids)
     for j, a in enumerate(plan):
-        for _ in range({"skip": 0, "execute": 1, "repeat": 2}[a]):
+        for _ in range(action_passes(a)):
             h = adapter.call_layer(layers[j], h, kw)
-    logp = torch.log_softmax(adapter.head(model, h).float(), dim=-1)
-    out = []
-    for i, (c, x) in enumerate(reqs):
-        s = seqs[i]
-        out.append(float(sum(logp[i, k - 1, s[k]] for k in range(len(c), len(s)))))
-    return out
+    return [float(lp.sum()) for lp in continuation_logprobs(h, reqs, head=lambda x: adapter.head(model, x))]

@@ -8,6 +8,8 @@ import random
 import time
 from pathlib import Path
 
+from retrofit.core.data import read_search_records as read_records
+
 from .evaluator import PlanEvaluator, plan_compute
 from .mcts import MCTSConfig, budget_passes, mcts_search
 from .tasks import Example
@@ -33,29 +35,6 @@ def parse_shard(shard: str | None) -> tuple[int, int]:
 def shard_indices(n_examples: int, shard: tuple[int, int]) -> list[int]:
     i, n = shard
     return [k for k in range(n_examples) if k % n == i]
-
-
-def read_records(path: str | Path, repair: bool = False) -> list[dict]:
-    """Records of a search JSONL. A torn last line (no newline: a killed run) is dropped, and with ``repair``
-    cut off the file so that appending continues cleanly."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    out, good_end = [], 0
-    for lineno, chunk in enumerate(data.splitlines(keepends=True), 1):
-        if not chunk.endswith(b"\n"):
-            break  # torn last write
-        if chunk.strip():
-            try:
-                out.append(json.loads(chunk))
-            except json.JSONDecodeError:
-                raise ValueError(f"{path}:{lineno}: not valid JSON; the file is corrupted") from None
-        good_end += len(chunk)
-    if repair and good_end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
-    return out
 
 
 def search_examples(model, tokenizer, examples: list[Example], out: str | Path, *, cfg: MCTSConfig | None = None,

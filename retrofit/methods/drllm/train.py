@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from retrofit.methods.drllm.config import ACTIONS
+from retrofit.core.data import read_searches  # noqa: F401  (public here too)
+from retrofit.core.plans import ACTIONS
 
 
 @dataclass
@@ -66,32 +67,6 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor 
     if weight is not None:
         loss = loss * weight.to(loss.device)[target]
     return loss.mean()
-
-
-def read_searches(paths) -> list[dict]:
-    """Records from search JSONL files (``.jsonl`` or ``.jsonl.gz``); malformed lines are reported with file and line."""
-    import gzip
-
-    recs = []
-    for path in paths:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"search results {path} not found (write them with `retrofit search`)")
-        text = gzip.decompress(path.read_bytes()).decode() if path.suffix == ".gz" else path.read_text()
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e})") from e
-            missing = [k for k in ("prompt", "plan") if k not in r]
-            if missing:
-                raise ValueError(f"{path}:{n}: record lacks {missing}; expected `retrofit search` output")
-            if any(a not in ACTIONS for a in r["plan"]):
-                raise ValueError(f"{path}:{n}: plan holds actions other than {ACTIONS}")
-            recs.append(r)
-    return recs
 
 
 @torch.no_grad()

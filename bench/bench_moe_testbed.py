@@ -33,7 +33,7 @@ from retrofit.models import load_model  # noqa: E402
 from retrofit.moe.moefy import (SHAKESPEARE_HELDOUT_START, MoefyConfig, build_testbed, heldout_text,  # noqa: E402
                                 read_report)
 from retrofit.search.evaluator import PlanEvaluator, naive_scores  # noqa: E402
-from retrofit.search.tasks import load_task  # noqa: E402
+from retrofit.core.data import load_task  # noqa: E402
 
 
 @torch.no_grad()

@@ -53,9 +53,9 @@ def cont_loss(model, ids: torch.Tensor, ctx: int) -> tuple[float, int]:
 
 def choice_scores(model, tok, prompt: str, choices: list[str]) -> list[float]:
     """lm-eval style: summed log-likelihood of each " " + choice after the prompt (one batch)."""
-    from retrofit.moe.moefy import continuation_logprobs
+    from retrofit.core.data import score_continuations
 
-    return continuation_logprobs(model, tok, [(prompt, c) for c in choices], batch=len(choices))
+    return score_continuations(model, tok, [(prompt, " " + c) for c in choices], batch=len(choices))
 
 
 def main():
@@ -80,7 +80,7 @@ def main():
     import retrofit
     from retrofit.artifacts import fingerprint
     from retrofit.moe.moefy import heldout_text
-    from retrofit.search.tasks import load_task
+    from retrofit.core.data import load_task
 
     from runlog import RunLog
 

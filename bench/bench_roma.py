@@ -106,7 +106,7 @@ def main():
     from retrofit.artifacts import fingerprint
     from retrofit.methods.roma import RomaConfig
     from retrofit.methods.roma.train import embed_texts
-    from retrofit.search.tasks import load_task
+    from retrofit.core.data import load_task
 
     from runlog import RunLog
 

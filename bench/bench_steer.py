@@ -72,9 +72,9 @@ def xcopa_mc(item: dict, lang: str) -> tuple[str, list[str]]:
 def score_rows(model, tok, pairs: list[tuple[str, str]], batch: int = 16) -> list[float]:
     """Summed log-likelihood of each continuation " " + c after its prompt (steering acts per token, so
     batching changes nothing)."""
-    from retrofit.moe.moefy import continuation_logprobs
+    from retrofit.core.data import score_continuations
 
-    return continuation_logprobs(model, tok, pairs, batch)
+    return score_continuations(model, tok, [(p, " " + c) for p, c in pairs], batch)
 
 
 def accuracy(model, tok, items: list[dict], lang: str) -> float:
@@ -110,7 +110,7 @@ def main():
     from retrofit.artifacts import fingerprint
     from retrofit.methods.steer import (SteeringFit, attach_fit, load_texts, middle_layers, routing_usage,
                                         steering_masks)
-    from retrofit.search.tasks import data_dir
+    from retrofit.core.data import data_dir
 
     from runlog import RunLog
 

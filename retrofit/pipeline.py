@@ -25,7 +25,7 @@ def run_pipeline(workdir: Path, train_examples: int = 32, test_examples: int = 1
     from retrofit.models import load_model
     from retrofit.search.mcts import MCTSConfig
     from retrofit.search.run import format_summary, search_examples, summarize
-    from retrofit.search.tasks import load_task
+    from retrofit.core.data import load_task
 
     workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -175,7 +175,7 @@ def test_drllm_routers_decide_from_the_prompt_per_row(smol_tok):
     for (ctx, cont), (lp, _) in zip(PAIRS, got):
         assert lp == pytest.approx(_plan_logprob(ref, smol_tok, ctx, cont, plans[ctx]), abs=1e-4), (ctx, plans[ctx])
     m = lm.compute_metrics("t")
-    from retrofit.eval.lm_eval_model import plan_cost
+    from retrofit.core.plans import plan_passes as plan_cost
 
     assert m["prompts"] == len(contexts)
     assert m["mean_layers_executed"] == pytest.approx(sum(plan_cost(p) for p in plans.values()) / len(contexts))

@@ -31,59 +31,16 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from retrofit.core.plans import ACTIONS, parse_plan, plan_passes
+
 log = logging.getLogger(__name__)
-
-ACTIONS = ("skip", "execute", "repeat")
-_LETTERS = {"s": "skip", "e": "execute", "r": "repeat"}
-
-
-def parse_plan(plan: Any, num_layers: int | None = None) -> list[str] | None:
-    """A Dr.LLM static plan from a list, a JSON list string, a JSON file, or a letter string like ``eeseer``."""
-    if plan is None or isinstance(plan, list):
-        out = plan
-    elif isinstance(plan, (str, Path)):
-        text = str(plan).strip()
-        p = Path(text)
-        if text.startswith("["):
-            out = json.loads(text)
-        elif p.suffix == ".json" or p.is_file() or p.is_dir():
-            if p.is_dir():
-                p = p / "retrofit.json"
-            if not p.is_file():
-                raise FileNotFoundError(f"plan file {p} not found")
-            obj = json.loads(p.read_text())
-            if isinstance(obj, dict):
-                obj = obj.get("plan", obj.get("config", {}).get("plan"))
-            out = obj
-        elif text and set(text.lower()) <= set(_LETTERS):
-            out = [_LETTERS[c] for c in text.lower()]
-        else:
-            raise ValueError(f"plan={text!r}: give a JSON file, a JSON list, or one letter per layer "
-                             "(s=skip, e=execute, r=repeat), e.g. plan=eeeseeee...")
-    else:
-        raise TypeError(f"plan must be a list, a file or a letter string, not {type(plan).__name__}")
-    if out is None:
-        return None
-    if not isinstance(out, list) or any(a not in ACTIONS for a in out):
-        raise ValueError(f"a plan is a list of actions from {ACTIONS}; got {out!r}")
-    if num_layers is not None and len(out) != num_layers:
-        raise ValueError(f"the plan has {len(out)} actions but the model has {num_layers} decoder layers")
-    return out
-
-
-def plan_cost(plan: list[str]) -> int:
-    """Decoder-block passes a plan runs (repeat counts twice)."""
-    return sum(ACTIONS.index(a) for a in plan)  # skip 0, execute 1, repeat 2
-
 
 @register_model("retrofit")
 class RetrofitLM(HFLM):
@@ -123,7 +80,7 @@ class RetrofitLM(HFLM):
         self.method = method or None
         self.num_layers = get_adapter(self._model).num_layers(self._model)
         if "plan" in cfg:
-            cfg["plan"] = parse_plan(cfg["plan"], self.num_layers)
+            cfg["plan"] = parse_plan(cfg["plan"], self.num_layers, allow_files=True)
         self.handle = retrofit.attach(self._model, method, routers=routers, **cfg) if method else None
         self.retrofit_config = {"pretrained": self.pretrained_name, "method": self.method,
                                 "routers": str(routers) if routers else None,
@@ -238,7 +195,7 @@ class RetrofitLM(HFLM):
         for p in plans:
             for i, a in enumerate(p):
                 counts[i][ACTIONS.index(a)] += 1
-        mean = sum(plan_cost(p) for p in plans) / len(plans) if plans else float("nan")
+        mean = sum(plan_passes(p) for p in plans) / len(plans) if plans else float("nan")
         return {"mean_layers_executed": mean, "layer_fraction": mean / L, "layers_saved": L - mean,
                 "num_layers": L, "prompts": len(plans), "action_counts": counts}
 

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-ACTIONS = ("skip", "execute", "repeat")
+from retrofit.core.plans import ACTIONS  # noqa: E402
 
 
 def accuracy_points(runs: list[dict], task: str, metric: str = "acc") -> list[tuple[str, float, float]]:

@@ -41,8 +41,8 @@ class StaticPruneConfig:
 
 def calibration_texts(calib: str = "arc_easy_train", num_samples: int = 128, seed: int = 0,
                       data: str | Path | None = None) -> list[str]:
-    """Calibration texts read in place from the shared data folder (see :func:`retrofit.eval.tasks.data_dir`)."""
-    from retrofit.eval.tasks import data_dir
+    """Calibration texts read in place from the shared data folder (see :func:`retrofit.core.data.data_dir`)."""
+    from retrofit.core.data import data_dir
 
     root = data_dir(data)
     rng = random.Random(seed)

@@ -327,7 +327,7 @@ def fit_gate(x: torch.Tensor, Y: torch.Tensor, y_shared: torch.Tensor, y: torch.
 
 # ------------------------------------------------------------------------------------------------ calibration data
 def _shakespeare() -> str:
-    from retrofit.search.tasks import data_dir
+    from retrofit.core.data import data_dir
 
     p = data_dir() / "tinyshakespeare" / "input.txt"
     if not p.is_file():
@@ -343,7 +343,7 @@ def heldout_text() -> str:
 def calibration_ids(tokenizer, tokens: int = 8192, seq_len: int = 256, seed: int = 0) -> list[torch.Tensor]:
     """Token sequences of about ``tokens`` tokens in all: half ARC-Easy train questions with their gold answer
     ("Question: ...\\nAnswer: ...", several per sequence), half Shakespeare characters 0-500k; interleaved."""
-    from retrofit.search.tasks import load_task
+    from retrofit.core.data import load_task
 
     half = tokens // 2
     exs = load_task("arc_easy", split="train")
@@ -556,30 +556,3 @@ def load_bench_model(tiny: bool = False):
     model = tiny_model("mixtral", vocab_size=len(tok), num_hidden_layers=6)
     model.requires_grad_(False)
     return model, tok
-
-
-@torch.no_grad()
-def continuation_logprobs(model, tok, pairs: list[tuple[str, str]], batch: int = 16) -> list[float]:
-    """lm-eval style multiple-choice scores for the MoE benchmarks: the summed log-likelihood of each
-    continuation ``" " + c`` after its prompt, ``batch`` right-padded rows per forward."""
-    out = []
-    for s in range(0, len(pairs), batch):
-        rows, conts = [], []
-        for prompt, c in pairs[s:s + batch]:
-            ctx = tok(prompt)["input_ids"]
-            whole = tok(prompt + " " + c)["input_ids"]
-            rows.append(whole)
-            conts.append(len(whole) - len(ctx))
-        T = max(len(r) for r in rows)
-        ids = torch.zeros(len(rows), T, dtype=torch.long)
-        mask = torch.zeros(len(rows), T, dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
-        dev = next(model.parameters()).device
-        lp = torch.log_softmax(model(input_ids=ids.to(dev), attention_mask=mask.to(dev),
-                                     use_cache=False).logits.float(), -1).cpu()
-        for i, r in enumerate(rows):
-            L, n = len(r), conts[i]
-            out.append(float(lp[i, L - n - 1:L - 1].gather(-1, ids[i, L - n:L, None]).sum()))
-    return out

@@ -15,7 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from .evaluator import ACTIONS, PlanEvaluator, plan_compute
+from retrofit.core.plans import ACTIONS, plan_passes
+
+from .evaluator import PlanEvaluator
 from .mcts import budget_passes
 from .tasks import Example
 
@@ -82,7 +84,7 @@ def static_plan_study(model, tokenizer, examples: list[Example], *, budget=1.0, 
 
     def objective(trial):
         plan = tuple(trial.suggest_categorical(f"layer_{i}", choices) for i in range(L))
-        compute = plan_compute(plan)
+        compute = plan_passes(plan)
         trial.set_user_attr("compute", compute)
         trial.set_user_attr("constraint", [float(compute - bp)])  # <= 0 is feasible
         return evaluate_static_plan(ev, examples, plan)

@@ -26,11 +26,10 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from retrofit.methods.drllm.config import ACTIONS, validate_plan
+from retrofit.core import plans as _plans
 
 ENV = "RETROFIT_VLLM_CONFIG"
 REQUEST_KEYS = ("retrofit", "retrofit_plan")
-_LETTERS = {"s": "skip", "e": "execute", "r": "repeat"}
 _ARTIFACT_KEYS = {"path", "skip_bias", "repeat_bias", "allow_repeat"}
 _TOP_KEYS = {"plan", "artifacts", "default", "allow_request_plans"}
 
@@ -60,17 +59,11 @@ class ServeConfig:
 
 
 def parse_plan(plan, num_layers: int | None = None) -> list[str]:
-    """A plan as a list of action names / codes, or a string with one letter per layer (e, s, r)."""
-    if isinstance(plan, str):
-        letters = plan.strip().lower()
-        bad = sorted(set(letters) - set(_LETTERS))
-        if bad:
-            raise ServeConfigError(f"plan string {plan!r} has letters {bad}; use one of e (execute), s (skip), "
-                                   "r (repeat) per decoder layer, e.g. 'eeseee...'")
-        plan = [_LETTERS[c] for c in letters]
+    """:func:`retrofit.core.plans.parse_plan` (lists, codes, letter strings; never files), errors as
+    :class:`ServeConfigError`."""
     try:
-        return validate_plan(plan, num_layers)
-    except ValueError as e:
+        return _plans.parse_plan(plan, num_layers)
+    except (TypeError, ValueError) as e:
         raise ServeConfigError(str(e)) from None
 
 
@@ -165,6 +158,3 @@ def parse_request_args(extra_args, config: ServeConfig | None = None,
                                "(or 'none')")
     return RequestChoice("artifact", name=name)
 
-
-def plan_codes(plan) -> list[int]:
-    return [ACTIONS.index(a) for a in plan]

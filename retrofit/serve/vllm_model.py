@@ -31,9 +31,9 @@ from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from retrofit.artifacts import ArtifactError, compare_fingerprint, fingerprint_of, load_artifact
-from retrofit.methods.drllm.config import EXECUTE, REPEAT, SKIP, DrLLMConfig
-from retrofit.methods.drllm.router import RouterBank, window_matrix, window_weights
-from retrofit.serve.config import RequestChoice, ServeConfigError, find_serve_config, parse_request_args, plan_codes
+from retrofit.core.plans import EXECUTE, REPEAT, SKIP, plan_codes
+from retrofit.methods.drllm import DrLLMConfig, RouterBank, window_matrix, window_weights
+from retrofit.serve.config import RequestChoice, ServeConfigError, find_serve_config, parse_request_args
 
 log = init_logger("vllm.retrofit")
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from retrofit.search.tasks import Example
+from retrofit.core.data import Example
 
 
 class CharTokenizer:

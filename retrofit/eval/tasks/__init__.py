@@ -5,17 +5,17 @@ absolute (or relative to the working directory), so :func:`render_tasks` writes 
 folder filled in, into a task folder (a temp dir by default) together with a ``utils.py`` for the
 ``!function`` hooks. Pass that folder to lm-eval as ``include_path`` (``retrofit eval`` does it for you).
 
-The data folder is ``$RETROFIT_DATA`` or ``<repo>/../shared/data``. Task names carry a ``retrofit_`` prefix so they
+The data folder is :func:`retrofit.core.data.data_dir`'s (``$RETROFIT_DATA`` or ``../shared/data``). Task names carry a ``retrofit_`` prefix so they
 never clash with lm-eval's own (hub-backed) tasks; :func:`resolve_task_names` maps short names (``arc_easy``).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import tempfile
 from pathlib import Path
+
+from retrofit.core.data import arc_challenge_docs, data_dir, hellaswag_doc, piqa_labels
 
 _HERE = Path(__file__).resolve().parent
 PLACEHOLDER = "@DATA@"
@@ -33,13 +33,6 @@ TASKS: dict[str, tuple[str, str, str]] = {
     "copa": ("retrofit_copa", "mc_extra/copa.jsonl", "COPA validation (100)"),
     "mmlu": ("retrofit_mmlu", "mmlu/test/marketing_test.csv", "MMLU, 6 subjects' test sets (1538)"),
 }
-
-
-def data_dir(data: str | os.PathLike | None = None) -> Path:
-    """The shared data folder: ``data`` if given, else ``$RETROFIT_DATA``, else ``<repo>/../shared/data``."""
-    if data is None:
-        data = os.environ.get("RETROFIT_DATA") or (_HERE.parents[2].parent / "shared" / "data")
-    return Path(data).resolve()
 
 
 def resolve_task_names(tasks: str | list[str]) -> list[str]:
@@ -82,51 +75,27 @@ def render_tasks(out_dir: str | os.PathLike | None = None, data: str | os.PathLi
     return out
 
 
-# --- process_docs hooks ------------------------------------------------------------------------------------
-
-def _hellaswag_clean(text: str) -> str:
-    # as lm-eval's hellaswag utils.preprocess
-    text = text.strip()
-    text = text.replace(" [title]", ". ")
-    text = re.sub("\\[.*?\\]", "", text)
-    return text.replace("  ", " ")
-
+# --- process_docs hooks (the record parsing is retrofit.core.data's, shared with load_task) ----------------
 
 def make_processors(data: str | os.PathLike) -> dict:
     """The ``process_docs`` functions bound to one data folder (used by the rendered ``utils.py``)."""
     root = Path(data)
 
     def process_piqa(dataset):
-        labels_file = root / "piqa" / "valid-labels.lst"
-        labels = [int(x) for x in labels_file.read_text().split()]
+        labels = piqa_labels(root)
         if len(labels) != len(dataset):
-            raise ValueError(f"{labels_file} has {len(labels)} labels for {len(dataset)} PIQA questions")
+            raise ValueError(f"{root / 'piqa' / 'valid-labels.lst'} has {len(labels)} labels for {len(dataset)} "
+                             "PIQA questions")
         return dataset.add_column("label", labels)
 
     def process_hellaswag(dataset):
-        def one(doc):
-            ctx = doc["ctx"]
-            return {"query": _hellaswag_clean(doc["activity_label"] + ": " + ctx),
-                    "choices": [_hellaswag_clean(e) for e in doc["endings"]],
-                    "label": int(doc["label"])}
-        return dataset.map(one)
+        return dataset.map(hellaswag_doc)
 
     def load_arc_challenge(**_ignored):
         import datasets
 
-        splits = {}
-        for split, name in (("validation", "ARC-Challenge-Dev.jsonl"), ("test", "ARC-Challenge-Test.jsonl")):
-            rows = []
-            with open(root / "arc_challenge" / name) as f:
-                for line in f:
-                    if line.strip():
-                        d = json.loads(line)
-                        ch = d["question"]["choices"]
-                        rows.append({"id": d["id"], "question": d["question"]["stem"],
-                                     "choices": {"text": [c["text"] for c in ch], "label": [c["label"] for c in ch]},
-                                     "answerKey": d["answerKey"]})
-            splits[split] = datasets.Dataset.from_list(rows)
-        return datasets.DatasetDict(splits)
+        return datasets.DatasetDict({split: datasets.Dataset.from_list([d for _, _, d in arc_challenge_docs(root, split)])
+                                     for split in ("validation", "test")})
 
     return {"process_piqa": process_piqa, "process_hellaswag": process_hellaswag,
             "load_arc_challenge": load_arc_challenge}

@@ -22,10 +22,11 @@ import torch
 from torch import nn
 
 from retrofit.methods import Method, register_method
-from retrofit.methods.drllm.config import ACTIONS, EXECUTE, REPEAT, SKIP, DrLLMConfig, validate_plan
+from retrofit.core.plans import ACTIONS, EXECUTE, REPEAT, SKIP, validate_plan
+from retrofit.methods.drllm.config import DrLLMConfig
 from retrofit.methods.drllm.router import RouterBank, window_matrix, window_means, window_weights
 
-__all__ = ["DrLLM", "DrLLMConfig", "ACTIONS", "window_means", "RouterBank"]
+__all__ = ["DrLLM", "DrLLMConfig", "ACTIONS", "window_means", "window_matrix", "window_weights", "RouterBank"]
 
 
 class _StepState:

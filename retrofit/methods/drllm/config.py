@@ -2,8 +2,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ACTIONS = ("skip", "execute", "repeat")
-SKIP, EXECUTE, REPEAT = 0, 1, 2
+from retrofit.core.plans import ACTIONS, EXECUTE, REPEAT, SKIP, validate_plan
+
+__all__ = ["DrLLMConfig", "ACTIONS", "SKIP", "EXECUTE", "REPEAT", "validate_plan"]
 
 
 @dataclass
@@ -37,20 +38,3 @@ class DrLLMConfig:
         if self.plan is not None:
             self.plan = validate_plan(self.plan, None, self.allow_repeat)
 
-
-def validate_plan(plan, num_layers: int | None, allow_repeat: bool = True) -> list[str]:
-    """Check one plan (a list of action names or 0/1/2 codes) and return it as action names."""
-    if isinstance(plan, str) or not hasattr(plan, "__iter__"):
-        raise ValueError(f"a plan is a list of actions {ACTIONS}, one per decoder layer; got {plan!r}")
-    out = []
-    for i, a in enumerate(plan):
-        if isinstance(a, int) and not isinstance(a, bool) and 0 <= a < 3:
-            a = ACTIONS[a]
-        if a not in ACTIONS:
-            raise ValueError(f"plan entry {i} is {a!r}; each entry must be one of {ACTIONS}")
-        if a == "repeat" and not allow_repeat:
-            raise ValueError(f"plan entry {i} is 'repeat' but allow_repeat=False")
-        out.append(a)
-    if num_layers is not None and len(out) != num_layers:
-        raise ValueError(f"the plan has {len(out)} entries but the model has {num_layers} decoder layers")
-    return out

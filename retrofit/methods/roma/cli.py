@@ -35,7 +35,7 @@ def register(app: typer.Typer) -> None:
         """Finetune only the MoE gates (last --num-layers layers) with task loss + λ·manifold term (RoMA)."""
         from retrofit.methods.roma import RomaConfig
         from retrofit.methods.roma.train import train_roma
-        from retrofit.search.tasks import load_task
+        from retrofit.core.data import load_task
 
         layer_list = [int(x) for x in layers.split(",") if x.strip()] if layers else None
         try:

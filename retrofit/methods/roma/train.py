@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from retrofit.core.data import continuation_logprobs, pad_id, pad_right, tokenize_request
 from retrofit.methods.roma import RomaConfig, kernel_weights, manifold_term
 
 __all__ = ["embed_texts", "embedder_path", "neighbours", "score_example", "score_example_multi", "base_pass",
@@ -117,24 +118,11 @@ def neighbours(emb: torch.Tensor, successful: torch.Tensor, k: int, sigma: float
 
 # ------------------------------------------------------------------------------------------------ scoring
 def _requests(tok, ex):
-    from retrofit.search.evaluator import _tokenize_request
-
     if ex.kind != "mc":
         raise ValueError(f"RoMA trains on multiple-choice examples; {ex.id!r} is generative")
     if ex.contexts is not None:
         raise ValueError(f"{ex.id!r} has per-choice contexts (Winogrande style); RoMA needs one shared prompt")
-    return [_tokenize_request(tok, c, x) for c, x in ex.requests()]
-
-
-def _pad(seqs, pad_id, device):
-    T = max(len(s) for s in seqs)
-    ids = torch.tensor([s + [pad_id] * (T - len(s)) for s in seqs], device=device)
-    att = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs], device=device)
-    return ids, att, T
-
-
-def _pad_id(tok):
-    return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    return [tokenize_request(tok, c, x) for c, x in ex.requests()]
 
 
 def _run(model, ids, start: int = 0, hidden=None, stop: int | None = None):
@@ -154,21 +142,6 @@ def _run(model, ids, start: int = 0, hidden=None, stop: int | None = None):
     return adapter.decoder(model).norm(h) if stop == len(layers) else h
 
 
-def _cont_logp(model, hid, seqs, reqs):
-    """Per sequence: log-probabilities [n_cont] of its continuation tokens (LM head only at those positions)."""
-    rows, cols, tgts, sizes = [], [], [], []
-    for b, (c, x) in enumerate(reqs):
-        n = len(seqs[b])
-        rows += [b] * (n - len(c))
-        cols += list(range(len(c) - 1, n - 1))
-        tgts += seqs[b][len(c):]
-        sizes.append(n - len(c))
-    dev = hid.device
-    logits = model.lm_head(hid[torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)])
-    lp = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(tgts, device=dev).unsqueeze(-1)).squeeze(-1)
-    return list(lp.split(sizes))
-
-
 @torch.no_grad()
 def score_example(model, tok, ex, handle=None):
     """Per-choice log-likelihoods (lm-eval ``acc`` scoring: sum over the continuation tokens) in one padded
@@ -176,14 +149,15 @@ def score_example(model, tok, ex, handle=None):
     reqs = _requests(tok, ex)
     seqs = [c + x for c, x in reqs]
     dev = next(model.parameters()).device
-    ids, att, T = _pad(seqs, _pad_id(tok), dev)
+    ids, att = pad_right(seqs, pad_id(tok), dev)
+    T = ids.shape[1]
     ctx = contextlib.nullcontext() if handle is None else handle.capture()
     with ctx as cap:
         hid = _run(model, ids)
         r = None
         if handle is not None:
             r = handle.routing_vectors(cap, [len(reqs[0][0]) - 1])[0].detach().cpu()
-    scores = [float(lp.sum()) for lp in _cont_logp(model, hid, seqs, reqs)]
+    scores = [float(lp.sum()) for lp in continuation_logprobs(hid, reqs, head=model.lm_head)]
     return scores, r
 
 
@@ -195,7 +169,8 @@ def score_example_multi(handle, tok, ex, delta_sets: list[dict[int, torch.Tensor
     reqs = _requests(tok, ex)
     seqs = [c + x for c, x in reqs]
     dev = next(model.parameters()).device
-    ids, att, T = _pad(seqs, _pad_id(tok), dev)
+    ids, att = pad_right(seqs, pad_id(tok), dev)
+    T = ids.shape[1]
     L0 = handle.layers[0]
     pre = _run(model, ids, 0, None, L0)
     saved = {l: p.detach().clone() for l, p in handle.deltas.items()}
@@ -205,7 +180,7 @@ def score_example_multi(handle, tok, ex, delta_sets: list[dict[int, torch.Tensor
             for l, p in handle.deltas.items():
                 p.data.copy_(ds[int(l)] if ds is not None else torch.zeros_like(p))
             hid = _run(model, ids, L0, pre)
-            out.append([float(lp.sum()) for lp in _cont_logp(model, hid, seqs, reqs)])
+            out.append([float(lp.sum()) for lp in continuation_logprobs(hid, reqs, head=model.lm_head)])
     finally:
         for l, p in handle.deltas.items():
             p.data.copy_(saved[l])
@@ -278,7 +253,8 @@ def roma_loss(handle, tok, batch, R_nb=None, W=None, lam: float = 0.0, prefix: l
     model = handle.model
     reqs, seqs = _gold(tok, batch)
     dev = next(model.parameters()).device
-    ids, att, T = _pad(seqs, _pad_id(tok), dev)
+    ids, att = pad_right(seqs, pad_id(tok), dev)
+    T = ids.shape[1]
     with handle.capture() as cap:
         if prefix is None:
             hid = _run(model, ids)
@@ -287,7 +263,7 @@ def roma_loss(handle, tok, batch, R_nb=None, W=None, lam: float = 0.0, prefix: l
             for b, p in enumerate(prefix):
                 h0[b, :p.shape[0]] = p
             hid = _run(model, ids, handle.layers[0], h0)
-    ce = torch.stack([-lp.mean() for lp in _cont_logp(model, hid, seqs, reqs)]).mean()
+    ce = torch.stack([-lp.mean() for lp in continuation_logprobs(hid, reqs, head=model.lm_head)]).mean()
     if R_nb is None or lam == 0:
         man = torch.zeros((), device=ce.device)
     else:

@@ -155,7 +155,9 @@ class Misa(Method):
 
     # scoring --------------------------------------------------------------------------------------
     def select(self, indexer, q, k, weights, attention_mask):
-        """MISA's top-k indices ``[B,S,topk]`` int32 from the indexer's q/k/weights and its ``[B,S,T]`` mask."""
+        """MISA's top-k indices ``[B,S,topk]`` int32 from the indexer's q/k/weights and its ``[B,S,T]`` mask,
+        with ``qpos``, the validity mask and the number of heads each query was actually scored with (its FLOPs
+        are counted from that number, not from the config)."""
         cfg = self.config
         B, S, H, D = q.shape
         T = k.shape[1]
@@ -186,14 +188,16 @@ class Misa(Method):
                 sel = torch.gather(cand.indices, -1, rescored.topk(topk, dim=-1).indices)
             else:
                 sel = scores.topk(topk, dim=-1).indices
+            heads = head_idx.shape[-1]
         else:
-            sel = torch.stack([
-                K.misa_topk(q[b], weights[b], k[b], qpos[b], topk, scale, active_heads=h,
-                            block_size=cfg.block_size, hierarchical=cfg.hierarchical, candidates=cfg.candidates,
-                            valid=valid[b], key_valid=key_valid[b], kernel=cfg.kernel)[0] for b in range(B)])
-        return sel.to(torch.int32), qpos, valid
+            picks = [K.misa_topk(q[b], weights[b], k[b], qpos[b], topk, scale, active_heads=h,
+                                 block_size=cfg.block_size, hierarchical=cfg.hierarchical, candidates=cfg.candidates,
+                                 valid=valid[b], key_valid=key_valid[b], kernel=cfg.kernel) for b in range(B)]
+            sel = torch.stack([p[0] for p in picks])
+            heads = H if picks[0][1] is None else picks[0][1].shape[-1]
+        return sel.to(torch.int32), qpos, valid, heads
 
-    def _record(self, layer, indexer, q, k, weights, attention_mask, sel, qpos, valid, seconds):
+    def _record(self, layer, indexer, q, k, weights, attention_mask, sel, qpos, valid, seconds, heads):
         cfg = self.config
         st = self._stats[layer]
         B, S, H, D = q.shape
@@ -202,7 +206,7 @@ class Misa(Method):
         st["time_s"] += seconds
         for b in range(B):
             st["flops_dense"] += K.indexer_flops(qpos[b], H, D)
-            st["flops_misa"] += K.indexer_flops(qpos[b], H, D, cfg.active_heads, cfg.block_size,
+            st["flops_misa"] += K.indexer_flops(qpos[b], H, D, heads, cfg.block_size,
                                                 cfg.hierarchical, cfg.candidates)
         if cfg.measure:
             topk = sel.shape[-1]
@@ -221,9 +225,9 @@ def _make_forward(handle: Misa, layer: int):
         rope = _rope_fn(self)
         q, k, weights = _project(self, rope, hidden_states, q_resid, position_embeddings, past_key_values)
         t0 = time.perf_counter()
-        sel, qpos, valid = handle.select(self, q, k, weights, attention_mask)
+        sel, qpos, valid, heads = handle.select(self, q, k, weights, attention_mask)
         dt = time.perf_counter() - t0
-        handle._record(layer, self, q, k, weights, attention_mask, sel, qpos, valid, dt)
+        handle._record(layer, self, q, k, weights, attention_mask, sel, qpos, valid, dt, heads)
         return sel
 
     return forward

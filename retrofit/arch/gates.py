@@ -33,13 +33,14 @@ Several methods can share the hook: offsets are stored per ``owner`` key and app
 from __future__ import annotations
 
 import contextlib
-import types
 from dataclasses import dataclass, field
 from typing import Callable, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from retrofit.core.hooks import patch_forward
 
 __all__ = ["GateHook", "RoutingRecord", "gate_info", "Offset"]
 
@@ -166,7 +167,7 @@ class GateHook:
         self._offsets: dict[str, dict[int, Offset]] = {}
         self._records: list[RoutingRecord] = []
         self._owners = 0
-        self._saved: dict[int, object] = {}
+        self._patches: dict[int, object] = {}
 
     # --- lifecycle ------------------------------------------------------------------------------------------
     @classmethod
@@ -183,9 +184,8 @@ class GateHook:
     def _wrap(self):
         fwd = _FORWARDS[self.scoring]
         for layer, gate in self.gates.items():
-            self._saved[layer] = gate.__dict__.get("forward", None)
             gate._retrofit_gate = (self, layer)
-            gate.forward = types.MethodType(fwd, gate)
+            self._patches[layer] = patch_forward(gate, fwd, bind=True)
 
     def release(self) -> None:
         """Drop one user; when the last one leaves, every gate gets its original forward back."""
@@ -194,11 +194,9 @@ class GateHook:
         self._owners -= 1
         if self._owners == 0:
             for layer, gate in self.gates.items():
-                prev = self._saved.get(layer)
-                if prev is None:
-                    gate.__dict__.pop("forward", None)
-                else:
-                    gate.forward = prev
+                patch = self._patches.pop(layer, None)
+                if patch is not None:
+                    patch.restore()
                 gate.__dict__.pop("_retrofit_gate", None)
             self._offsets.clear()
             if getattr(self.model, "_retrofit_gate_hook", None) is self:

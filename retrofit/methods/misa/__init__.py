@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import sys
 import time
-import types
 from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 
+from retrofit.core.hooks import patch_forward
 from retrofit.kernels import misa as K
 from retrofit.methods import Method, register_method
 
@@ -114,20 +114,13 @@ class Misa(Method):
                 raise ValueError(f"candidates={self.config.candidates} is below the indexer's top-k "
                                  f"({idx.index_topk}) in layer {i}: use candidates >= {idx.index_topk}.")
         self.indexers = indexers
-        self._saved = {}
         self._stats = defaultdict(lambda: defaultdict(float))
-        for i, idx in indexers.items():
-            self._saved[i] = idx.__dict__.get("forward", None)
-            idx.forward = types.MethodType(_make_forward(self, i), idx)
+        self._patches = [patch_forward(idx, _make_forward(self, i), bind=True) for i, idx in indexers.items()]
 
     def _detach(self):
-        for i, idx in self.indexers.items():
-            prev = self._saved.get(i)
-            if prev is None:
-                idx.__dict__.pop("forward", None)
-            else:
-                idx.forward = prev
-        self._saved = {}
+        for p in reversed(getattr(self, "_patches", [])):
+            p.restore()
+        self._patches = []
 
     def stats(self) -> dict:
         """Per layer: calls, queries, dense and MISA indexer FLOPs, scoring time, and (``measure=True``) the

@@ -30,12 +30,19 @@ def register(app: typer.Typer) -> None:
         limit: Optional[int] = typer.Option(None, help="first N examples only"),
         budget: str = typer.Option("1.0", help="compute budget: a fraction of the layers (0.9) or block passes (27)"),
         simulations: int = typer.Option(50, help="MCTS simulations per example (Dr.LLM: 50)"),
+        tree: str = typer.Option("path", help="'path': Dr.LLM's tree of whole plans edited anywhere from the "
+                                 "all-execute root; 'prefix': plan prefixes decided from layer 0 down + rollouts"),
+        reward: str = typer.Option("confident", help="'confident': the gold choice wins with probability >= "
+                                   "--min-prob and at most --max-drop below the base plan's; 'binary': gold wins"),
+        min_prob: float = typer.Option(0.5, help="confident reward: least gold-choice probability among the choices"),
+        max_drop: float = typer.Option(0.1, help="confident reward: largest drop below the base plan's gold probability"),
+        widen_alpha: float = typer.Option(0.7, help="path tree: a node with v visits holds <= ceil(v ** alpha) children"),
         batch: int = typer.Option(8, help="simulations evaluated together as one batch"),
         c: float = typer.Option(1.8, help="UCB exploration constant"),
         lam: float = typer.Option(3.0, help="UCB length penalty"),
         p_random: float = typer.Option(0.1, help="probability of a random child during selection"),
-        rollout_skip: float = typer.Option(0.1, help="rollout policy: probability of skipping a layer"),
-        rollout_repeat: float = typer.Option(0.02, help="rollout policy: probability of repeating a layer"),
+        rollout_skip: float = typer.Option(0.1, help="prefix tree's rollout: probability of skipping a layer"),
+        rollout_repeat: float = typer.Option(0.02, help="prefix tree's rollout: probability of repeating a layer"),
         no_repeat: bool = typer.Option(False, help="search skip/execute only"),
         seed: int = typer.Option(0),
         shard: Optional[str] = typer.Option(None, help="i/n: this process takes examples k with k % n == i"),
@@ -43,34 +50,59 @@ def register(app: typer.Typer) -> None:
         threads: int = typer.Option(1, help="torch CPU threads (1 is fastest on a shared machine)"),
         device: str = typer.Option("cpu"),
         summary_json: Optional[Path] = typer.Option(None, help="also write the summary here"),
+        heldout: int = typer.Option(100, help="label diagnostics: score the labels' voted static plan on this many "
+                                    "questions of the task's validation split (0: skip)"),
+        compare: Optional[Path] = typer.Option(None, help="label diagnostics: another run (other seed) on the same "
+                                               "questions, for label agreement"),
         progress: bool = typer.Option(True),
     ):
         """Per-example MCTS over layer plans (skip / execute / repeat per decoder layer), Dr.LLM style."""
         _setup(threads)
         from retrofit.models import load_model
 
+        from .diagnostics import format_diagnostics, label_diagnostics, save_diagnostics
         from .evaluator import PlanEvaluator
         from .mcts import MCTSConfig
-        from .run import format_summary, parse_shard, search_examples, summarize
+        from .reward import RewardRule
+        from .run import format_summary, parse_shard, read_records, search_examples, summarize
         from .tasks import load_task
 
         try:
             sh = parse_shard(shard)
-            cfg = MCTSConfig(simulations=simulations, c=c, lam=lam, p_random=p_random, batch=batch,
-                             rollout_skip=rollout_skip, rollout_repeat=rollout_repeat, allow_repeat=not no_repeat)
+            if simulations < 1:
+                raise ValueError(f"--simulations {simulations}: give at least 1 (Dr.LLM uses 50)")
+            cfg = MCTSConfig(simulations=simulations, tree=tree, c=c, lam=lam, p_random=p_random, batch=batch,
+                             rollout_skip=rollout_skip, rollout_repeat=rollout_repeat, allow_repeat=not no_repeat,
+                             widen_alpha=widen_alpha)
+            rule = RewardRule(kind=reward, min_prob=min_prob, max_drop=max_drop)
             examples = load_task(task, split, limit)
+            if compare is not None and not compare.is_file():
+                raise ValueError(f"--compare {compare}: no such file")
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         m, tok = load_model(model)
         m.to(device)
         ev = PlanEvaluator(m, tok, max_new_tokens=max_new_tokens)
-        recs = search_examples(m, tok, examples, out, cfg=cfg, budget=budget, seed=seed, shard=sh,
-                               progress=progress, task=task, split=split, evaluator=ev)
+        try:
+            recs = search_examples(m, tok, examples, out, cfg=cfg, budget=budget, seed=seed, shard=sh,
+                                   progress=progress, task=task, split=split, evaluator=ev, reward=rule)
+        except ValueError as e:  # a results file of another run or of other data: nothing was written
+            raise typer.BadParameter(str(e)) from None
         s = summarize(recs)
         typer.echo(format_summary(s))
+        held = []
+        if heldout > 0 and not Path(task).suffix:
+            try:
+                held = load_task(task, "validation", heldout)
+            except ValueError as e:
+                typer.echo(f"label diagnostics: no held-out questions ({e}); voted plan not scored")
+        diag = label_diagnostics(recs, ev, held, read_records(compare) if compare else None)
+        files = save_diagnostics(diag, out)
+        typer.echo(format_diagnostics(diag))
+        typer.echo(f"label diagnostics -> {', '.join(map(str, files))}")
         if summary_json:
             summary_json.parent.mkdir(parents=True, exist_ok=True)
-            summary_json.write_text(json.dumps(s, indent=2) + "\n")
+            summary_json.write_text(json.dumps({**s, "labels": diag}, indent=2) + "\n")
 
     @app.command("search-merge")
     def search_merge(

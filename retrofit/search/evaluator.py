@@ -44,6 +44,7 @@ class PlanResult:
     correct: bool
     scores: list[float] | None = None  # per-choice log-likelihoods (mc)
     text: str | None = None  # generated text (gen)
+    gold: int | str | None = None  # the example's gold choice / answer
 
 
 class _Packed:
@@ -194,7 +195,7 @@ class PlanEvaluator:
         for i, p in enumerate(plans):
             scores = [float(sum(logp[i, c, t] for c, t in tg)) for tg in self._tgt_flat]
             pred = max(range(len(scores)), key=lambda k: scores[k])
-            self._results[p] = PlanResult(p, pred, pred == self.ex.gold, scores)
+            self._results[p] = PlanResult(p, pred, pred == self.ex.gold, scores, gold=self.ex.gold)
         # forget full-length entries (never reused as prefixes) and bound the cache
         for p in plans:
             cache.pop(p, None)
@@ -230,7 +231,7 @@ class PlanEvaluator:
         text = self.tok.decode(ids[n0:])
         text = text.split("\n\n")[0].split("Question:")[0]
         pred = extract_number(text)
-        return PlanResult(plan, pred, numbers_match(pred, str(self.ex.gold)), None, text)
+        return PlanResult(plan, pred, numbers_match(pred, str(self.ex.gold)), None, text, gold=self.ex.gold)
 
 
 @torch.no_grad()

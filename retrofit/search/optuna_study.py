@@ -21,7 +21,7 @@ from .evaluator import PlanEvaluator
 from .mcts import budget_passes
 from .tasks import Example
 
-__all__ = ["run_study", "static_plan_study", "evaluate_static_plan", "storage_url"]
+__all__ = ["run_study", "static_plan_study", "static_skip_study", "evaluate_static_plan", "storage_url"]
 
 
 def storage_url(storage: str | None) -> str:
@@ -105,3 +105,42 @@ def static_plan_study(model, tokenizer, examples: list[Example], *, budget=1.0, 
         "best_layer_fraction": best.user_attrs["compute"] / L if best else None,
         "best_plan": list(plan_of(best.params)) if best else None,
     }
+
+
+def static_skip_study(model, tokenizer, examples: list[Example], *, skips: int, n_trials: int = 40,
+                      storage: str | None = None, study_name: str = "static-skips", seed: int = 0,
+                      start_plans: list | None = None, progress: bool = False) -> dict:
+    """Best single plan that skips (at most) ``skips`` layers, by an optuna (TPE) study over *which* layers.
+
+    The per-layer categorical space of :func:`static_plan_study` spends nearly every trial on plans that skip a
+    third of the layers when the budget allows only a few skips; here a trial picks ``skips`` layer indices
+    (a repeated index skips fewer layers), so every trial is a plan at the budget. ``start_plans`` (e.g. the
+    ShortGPT plan) are enqueued first, so the study never reports less than they score on ``examples``.
+    """
+    ev = PlanEvaluator(model, tokenizer)
+    L = ev.L
+    if not 0 < skips < L:
+        raise ValueError(f"skips={skips}: need 0 < skips < {L}")
+
+    def plan_of(idx) -> tuple:
+        return tuple("skip" if i in set(idx) else "execute" for i in range(L))
+
+    def objective(trial):
+        idx = [trial.suggest_int(f"skip_{j}", 0, L - 1) for j in range(skips)]
+        plan = plan_of(idx)
+        trial.set_user_attr("compute", plan_compute(plan))
+        return evaluate_static_plan(ev, examples, plan)
+
+    enqueue = []
+    for p in start_plans or []:
+        idx = [i for i, a in enumerate(p) if a == "skip"][:skips]
+        idx += idx[-1:] * (skips - len(idx)) if idx else [L - 1] * skips
+        enqueue.append({f"skip_{j}": i for j, i in enumerate(idx)})
+    study = run_study(objective, study_name=study_name, storage=storage, n_trials=n_trials, seed=seed,
+                      enqueue=enqueue, show_progress_bar=progress)
+    done = [t for t in study.trials if t.value is not None]
+    best = max(done, key=lambda t: (t.value, -t.user_attrs["compute"]))
+    plan = plan_of([best.params[f"skip_{j}"] for j in range(skips)])
+    return {"study_name": study_name, "storage": storage_url(storage), "n_trials": len(done),
+            "n_examples": len(examples), "skips": skips, "num_layers": L, "best_acc": best.value,
+            "best_compute": plan_compute(plan), "best_layer_fraction": plan_compute(plan) / L, "best_plan": list(plan)}

@@ -8,16 +8,21 @@ import random
 import time
 from pathlib import Path
 
+from dataclasses import asdict
+
+from retrofit.core.plans import plan_letters
+
 from retrofit.core.data import read_search_records as read_records
 
 from .evaluator import PlanEvaluator, plan_compute
 from .mcts import MCTSConfig, budget_passes, mcts_search
+from .reward import RewardRule, gold_probability
 from .tasks import Example
 
 __all__ = ["parse_shard", "shard_indices", "read_records", "search_examples", "merge_files", "summarize",
            "format_summary"]
 
-_RUN_KEYS = ("seed", "budget_passes", "simulations", "num_layers")
+_RUN_KEYS = ("seed", "budget_passes", "simulations", "num_layers", "search", "reward_rule")
 
 
 def parse_shard(shard: str | None) -> tuple[int, int]:
@@ -40,21 +45,25 @@ def shard_indices(n_examples: int, shard: tuple[int, int]) -> list[int]:
 def search_examples(model, tokenizer, examples: list[Example], out: str | Path, *, cfg: MCTSConfig | None = None,
                     budget=None, seed: int = 0, shard: tuple[int, int] = (0, 1), progress: bool = True,
                     task: str = "", split: str | None = None, stop_after: int | None = None,
-                    evaluator: PlanEvaluator | None = None) -> list[dict]:
+                    evaluator: PlanEvaluator | None = None, reward: RewardRule | None = None) -> list[dict]:
     """Search a plan for every example of this shard; append one JSONL record per example (flushed, fsynced).
 
     Examples already in ``out`` (same index and id) are skipped, so a killed run resumes with nothing lost or
-    duplicated. ``stop_after`` stops after that many new examples (used by tests to simulate a kill).
+    duplicated; a resume with other search or reward settings is refused (they are stored in every record).
+    ``reward`` decides which plans count as correct (default: ``RewardRule()``, the confident rule).
+    ``stop_after`` stops after that many new examples (used by tests to simulate a kill).
     Returns the records of this shard, in example order.
     """
     cfg = cfg or MCTSConfig()
+    reward = reward or RewardRule()
     ev = evaluator or PlanEvaluator(model, tokenizer)
     L = ev.L
     bp = budget_passes(budget, L)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     existing = read_records(out, repair=True)
-    run_info = {"seed": seed, "budget_passes": bp, "simulations": cfg.simulations, "num_layers": L}
+    run_info = {"seed": seed, "budget_passes": bp, "simulations": cfg.simulations, "num_layers": L,
+                "search": asdict(cfg), "reward_rule": reward.to_dict()}
     done = {}
     for r in existing:
         for k in _RUN_KEYS:
@@ -80,14 +89,29 @@ def search_examples(model, tokenizer, examples: list[Example], out: str | Path, 
             ex = examples[k]
             ev.set_example(ex)
             rng = random.Random(f"{seed}:{k}:{ex.id}")
-            res = mcts_search(lambda plans: [r.correct for r in ev.evaluate(plans)], L, cfg, rng, budget=bp)
+            base_res = ev.evaluate([("execute",) * L])[0]
+            evaluated: dict[tuple, object] = {}
+
+            def judge(plans):
+                results = ev.evaluate(plans)
+                for r in results:
+                    evaluated[r.plan] = r
+                return [reward.correct(r, base_res) for r in results]
+
+            res = mcts_search(judge, L, cfg, rng, budget=bp)
             chosen = ev.evaluate([res.plan])[0]
+            conf = {}
+            if chosen.scores is not None:
+                conf = {"base_gold_prob": _gold_prob(base_res), "gold_prob": _gold_prob(chosen)}
             rec = {
                 "index": k, "id": ex.id, "task": task or ex.task, "split": split, "prompt": ex.prompt,
                 "choices": ex.choices, "gold": ex.gold, **({"contexts": ex.contexts} if ex.contexts else {}),
                 "plan": list(res.plan), "reward": res.reward, "compute": res.compute,
                 "layer_fraction": res.compute / L, "base_correct": res.base_correct, "correct": chosen.correct,
-                "found": res.found,
+                "found": res.found, **conf, "good_plans": [plan_letters(p) for p in res.good_plans],
+                # every plan the search evaluated, as [letters, gold choice probability (null: generative), correct]
+                # so that other reward rules can be applied to the same search afterwards (label ablations)
+                "evaluated": [[plan_letters(p), _gold_prob(r), bool(r.correct)] for p, r in evaluated.items()],
                 "stats": {"simulations": res.simulations, "configs": res.configs, "seconds": round(res.seconds, 3)},
                 **run_info,
             }
@@ -104,6 +128,10 @@ def search_examples(model, tokenizer, examples: list[Example], out: str | Path, 
     if bar is not None:
         bar.close()
     return [done[k] for k in sorted(done)]
+
+
+def _gold_prob(result) -> float | None:
+    return None if result.scores is None else round(gold_probability(result.scores, result.gold), 5)
 
 
 def summarize(records: list[dict]) -> dict:

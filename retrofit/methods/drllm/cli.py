@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from retrofit.methods.drllm.train import TrainConfig
+
 
 def register(app: typer.Typer) -> None:
     @app.command("train")
@@ -21,14 +23,22 @@ def register(app: typer.Typer) -> None:
         windows: int = typer.Option(8, help="pooling windows per prompt"),
         bottleneck: int = typer.Option(128, help="router MLP width"),
         seed: int = typer.Option(0),
+        target: str = typer.Option(TrainConfig.target, help="'shortest': the search's shortest rewarded plan (the "
+                                   "paper); 'soft': per layer, the share of the search's rewarded plans per action"),
+        unlabeled: str = typer.Option(TrainConfig.unlabeled, help="questions with no rewarded plan: 'drop' (the "
+                                      "paper) or 'execute' (taught the all-execute plan)"),
         device: str = typer.Option("cpu", help="where features are collected and routers trained (cpu, cuda)"),
     ):
         """Train per-layer Dr.LLM routers on searched plans (focal loss, class-balanced, teacher forcing)."""
-        from retrofit.methods.drllm.train import TrainConfig, train_from_searches
+        from retrofit.methods.drllm.train import train_from_searches
         from retrofit.models import load_model
 
         files = sorted({f for pat in searches for f in (glob.glob(pat) or [pat])})
-        cfg = TrainConfig(lr=lr, batch_size=batch_size, epochs=epochs, gamma=gamma, seed=seed)
+        try:
+            cfg = TrainConfig(lr=lr, batch_size=batch_size, epochs=epochs, gamma=gamma, seed=seed, target=target,
+                              unlabeled=unlabeled)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
         m, tok = load_model(model)
         m.to(device)
         rep = train_from_searches(m, tok, files, out, cfg, num_windows=windows, bottleneck=bottleneck)

@@ -36,8 +36,19 @@ class TrainConfig:
     patience: int = 5
     seed: int = 0
     only_correct: bool = True  # drop examples whose search found no correct plan (as the paper does)
+    # "shortest": the label is the search's shortest rewarded plan (the paper). "soft": each layer's target is the
+    # share of the search's rewarded plans taking each action (records of `retrofit search` keep them all), so a
+    # layer that only one of several good plans skips is not taught as "skip".
+    target: str = "shortest"
+    # questions whose search found no rewarded plan: "drop" (the paper) or "execute" (taught the all-execute plan,
+    # so the routers also see the questions on which skipping fails)
+    unlabeled: str = "drop"
 
     def __post_init__(self):
+        if self.target not in ("shortest", "soft"):
+            raise ValueError(f"target={self.target!r}: use 'shortest' (the paper) or 'soft'")
+        if self.unlabeled not in ("drop", "execute"):
+            raise ValueError(f"unlabeled={self.unlabeled!r}: use 'drop' (the paper) or 'execute'")
         checks = {
             "lr": self.lr > 0, "weight_decay": self.weight_decay >= 0, "batch_size": self.batch_size >= 1,
             "epochs": self.epochs >= 1, "warmup_steps": self.warmup_steps >= 0, "gamma": self.gamma >= 0,
@@ -61,12 +72,32 @@ def class_weights(counts: torch.Tensor, beta: float = 0.999) -> torch.Tensor:
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
                gamma: float = 2.0) -> torch.Tensor:
-    """Mean over items of -w_y (1 - p_y)^gamma log p_y. logits [N, C], target [N]."""
-    logp = torch.log_softmax(logits.float(), -1).gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    """Mean over items of -w_y (1 - p_y)^gamma log p_y. logits [N, C], target [N] class indices, or [N, C]
+    target distributions (then -sum_c t_c w_c (1 - p_c)^gamma log p_c)."""
+    logp_all = torch.log_softmax(logits.float(), -1)
+    if target.is_floating_point():
+        t = target.float()
+        loss = -(t * (1 - logp_all.exp()) ** gamma * logp_all)
+        if weight is not None:
+            loss = loss * weight.to(loss.device)
+        return loss.sum(-1).mean()
+    logp = logp_all.gather(-1, target.unsqueeze(-1)).squeeze(-1)
     loss = -((1 - logp.exp()) ** gamma) * logp
     if weight is not None:
         loss = loss * weight.to(loss.device)[target]
     return loss.mean()
+
+
+def soft_targets(record: dict, L: int) -> torch.Tensor:
+    """[L, 3] share of a search record's rewarded plans (``good_plans``, letter strings) taking each action; the
+    record's own plan when it keeps none."""
+    plans = [[{"s": 0, "e": 1, "r": 2}[c] for c in p] for p in record.get("good_plans") or []]
+    if not plans:
+        plans = [[ACTIONS.index(a) for a in record["plan"]]]
+    idx = torch.tensor(plans)
+    if idx.shape[1] != L:
+        raise ValueError(f"record {record.get('id')!r}: good plans have {idx.shape[1]} layers, the model {L}")
+    return torch.nn.functional.one_hot(idx, 3).float().mean(0)
 
 
 @torch.no_grad()
@@ -93,8 +124,12 @@ def train_routers(handle, features, valid, labels, cfg: TrainConfig, progress: b
     perm = torch.randperm(N, generator=g)
     n_val = int(round(N * cfg.val_fraction)) if N >= 10 else 0
     val_idx, tr_idx = perm[:n_val], perm[n_val:]
-    counts = torch.bincount(labels[tr_idx].flatten().cpu(), minlength=3)
+    if labels.is_floating_point():  # target distributions [N, L, 3]
+        counts = labels[tr_idx].reshape(-1, 3).sum(0).round().long().cpu()
+    else:
+        counts = torch.bincount(labels[tr_idx].flatten().cpu(), minlength=3)
     weight = class_weights(counts, cfg.beta)
+    hard = labels.argmax(-1) if labels.is_floating_point() else labels
     if handle.routers is None:
         handle.init_routers(seed=cfg.seed)
     routers = handle.routers.to(features.device).train()
@@ -116,8 +151,8 @@ def train_routers(handle, features, valid, labels, cfg: TrainConfig, progress: b
         routers.eval()
         with torch.no_grad():
             lg = routers(features[idx], valid[idx])
-            loss = focal_loss(lg.reshape(-1, 3), labels[idx].reshape(-1), weight, cfg.gamma).item()
-            acc = (lg.argmax(-1) == labels[idx]).float().mean().item()
+            loss = focal_loss(lg.reshape(-1, 3), _flat(labels[idx]), weight, cfg.gamma).item()
+            acc = (lg.argmax(-1) == hard[idx]).float().mean().item()
         routers.train()
         return loss, acc
 
@@ -131,7 +166,7 @@ def train_routers(handle, features, valid, labels, cfg: TrainConfig, progress: b
         for s in range(0, len(order), cfg.batch_size):
             b = torch.tensor(order[s:s + cfg.batch_size], device=features.device)
             lg = routers(features[b], valid[b])
-            loss = focal_loss(lg.reshape(-1, 3), labels[b].reshape(-1), weight, cfg.gamma)
+            loss = focal_loss(lg.reshape(-1, 3), _flat(labels[b]), weight, cfg.gamma)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"router loss became {loss.item()} at epoch {epoch}; lower the lr")
             opt.zero_grad()
@@ -162,14 +197,18 @@ def train_routers(handle, features, valid, labels, cfg: TrainConfig, progress: b
         "examples": N,
         "train_examples": len(tr_idx),
         "val_examples": n_val,
-        "label_counts": {a: int(c) for a, c in zip(ACTIONS, torch.bincount(labels.flatten().cpu(), minlength=3))},
+        "label_counts": {a: int(c) for a, c in zip(ACTIONS, torch.bincount(hard.flatten().cpu(), minlength=3))},
         "class_weights": weight.tolist(),
         "history": history,
         "best_epoch": min(range(len(history)), key=lambda i: (history[i]["val_loss"] if history[i]["val_loss"]
                                                              is not None else history[i]["train_loss"])),
         "predicted_layer_fraction": float(((pred == 1).sum() + 2 * (pred == 2).sum()) / pred.numel()),
-        "label_layer_fraction": float(((labels == 1).sum() + 2 * (labels == 2).sum()) / labels.numel()),
+        "label_layer_fraction": float(((hard == 1).sum() + 2 * (hard == 2).sum()) / hard.numel()),
     }
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(-1, 3) if t.is_floating_point() else t.reshape(-1)
 
 
 def train_from_searches(model, tokenizer, search_files, out_dir, cfg: TrainConfig | None = None,
@@ -180,8 +219,11 @@ def train_from_searches(model, tokenizer, search_files, out_dir, cfg: TrainConfi
 
     cfg = cfg or TrainConfig()
     records = read_searches(search_files)
-    if cfg.only_correct:
-        kept = [r for r in records if r.get("correct", True)]
+    if cfg.unlabeled == "execute":
+        kept = [r if r.get("found", r.get("correct", True)) else
+                {**r, "plan": ["execute"] * len(r["plan"]), "good_plans": []} for r in records]
+    elif cfg.only_correct:
+        kept = [r for r in records if r.get("found", r.get("correct", True))]
     else:
         kept = records
     if not kept:
@@ -192,6 +234,8 @@ def train_from_searches(model, tokenizer, search_files, out_dir, cfg: TrainConfi
         feats, valid, labels = collect(handle, tokenizer, kept, progress)
         if labels.shape[1] != handle.num_layers:
             raise ValueError(f"the searched plans have {labels.shape[1]} layers, the model {handle.num_layers}")
+        if cfg.target == "soft":
+            labels = torch.stack([soft_targets(r, handle.num_layers) for r in kept]).to(labels.device)
         report = train_routers(handle, feats, valid, labels, cfg, progress)
         report["search_files"] = [str(p) for p in search_files]
         report["records_read"] = len(records)

@@ -16,11 +16,10 @@ How it hooks in (peft-style, in place): every decoder layer's ``forward`` is ove
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
+from retrofit.core.hooks import RequestTracker, patch_forward
 from retrofit.methods import Method, register_method
 from retrofit.core.plans import ACTIONS, EXECUTE, REPEAT, SKIP, validate_plan
 from retrofit.methods.drllm.config import DrLLMConfig
@@ -57,9 +56,9 @@ class DrLLM(Method):
         self._explicit_plan: torch.Tensor | None = None
         self._step = _StepState()
         self._plans: torch.Tensor | None = None  # plans of the current request batch [B, L]
-        self._cache_ref = None
-        self._new_request = False
+        self._tracker = RequestTracker()
         self._hooks = []
+        self._patches = []
         self._slot_modules: list[list[nn.Module]] = []
         self._orig_idx: list[list[int]] = []
         self.reset_stats()
@@ -85,15 +84,17 @@ class DrLLM(Method):
             mods = self.adapter.cache_slot_modules(layer)
             self._slot_modules.append(mods)
             self._orig_idx.append([m.layer_idx for m in mods])
-            layer.forward = self._make_forward(i, layer)
+            self._patches.append(patch_forward(layer, self._make_forward(i, layer)))
 
     def _detach(self):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
-        for layer, mods, idx in zip(self.layers, self._slot_modules, self._orig_idx):
-            if "forward" in layer.__dict__:
-                del layer.forward
+        for p in reversed(self._patches):
+            p.restore()
+        self._patches.clear()
+        self._tracker.reset()
+        for mods, idx in zip(self._slot_modules, self._orig_idx):
             for m, j in zip(mods, idx):
                 m.layer_idx = j
         self._slot_modules.clear()
@@ -151,8 +152,7 @@ class DrLLM(Method):
         ref = ids if ids is not None else emb
         batch = ref.shape[0]
         pkv = kwargs.get("past_key_values")
-        prefill = (pkv is None or self._cache_ref is None or self._cache_ref() is not pkv
-                   or self._plans is None or self._plans.shape[0] != batch)
+        prefill = self._tracker.start(pkv, force=self._plans is None or self._plans.shape[0] != batch)
         st.slot = 0
         st.cache = pkv
         if prefill:
@@ -163,23 +163,15 @@ class DrLLM(Method):
                 st.mask = None  # not a plain padding mask: pool over every token
             st.pool = None
             self._plans = acts
-            self._cache_ref = weakref.ref(pkv) if pkv is not None else None
-            self._new_request = True
         else:
             st.actions, st.deciding = self._plans, False
-            self._new_request = False
         return None
 
     def _post_hook(self, module, args, output):
         st = self._step
-        if self._new_request:
+        if self._tracker.finish(output):  # a cache created inside the forward is adopted by the request
             self._plans = st.actions
-            # A cache created inside the forward (use_cache without one passed in) belongs to this request.
-            pkv = getattr(output, "past_key_values", None)
-            if pkv is not None and self._cache_ref is None:
-                self._cache_ref = weakref.ref(pkv)
             self._record(st.actions)
-            self._new_request = False
         st.deciding = False
         st.cache = None
         st.actions = None
@@ -219,7 +211,7 @@ class DrLLM(Method):
         return bias
 
     def _make_forward(self, i: int, layer: nn.Module):
-        orig = type(layer).forward.__get__(layer)
+        orig = layer.__dict__.get("forward") or type(layer).forward.__get__(layer)
         slot_mods = self._slot_modules[i]
         orig_idx = self._orig_idx[i]
         passthrough = self.adapter.extra.get("layer_passthrough")

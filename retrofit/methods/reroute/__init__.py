@@ -30,13 +30,13 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-import weakref
 from collections import Counter
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from retrofit.core.hooks import RequestTracker
 from retrofit.methods import Method, register_method
 
 __all__ = ["RerouteConfig", "Reroute", "router_confidence", "select_layers"]
@@ -149,6 +149,7 @@ class Reroute(Method):
         self._hooks = []
         self._busy = False
         self._fixed = 0
+        self._tracker = RequestTracker()
         self.reset_stats()
         self._clear_state()
 
@@ -177,6 +178,7 @@ class Reroute(Method):
             h.remove()
         self._hooks.clear()
         self._clear_state()
+        self._tracker.reset()
         if self.hook is not None:
             self.hook.clear(OWNER)
             self.hook.release()
@@ -190,8 +192,6 @@ class Reroute(Method):
         self._hist: torch.Tensor | None = None  # token ids so far [B, T]
         self._hmask: torch.Tensor | None = None  # their padding mask [B, T]
         self._since = 0
-        self._cache_ref = None
-        self._new_request = False
         self._last_losses: list[list[float]] = []
         if self.hook is not None:
             self.hook.clear(OWNER)
@@ -199,6 +199,7 @@ class Reroute(Method):
     def reset(self) -> None:
         """Forget the current request (deltas, history) and remove the offsets."""
         self._clear_state()
+        self._tracker.reset()
 
     @contextlib.contextmanager
     def frozen(self):
@@ -311,6 +312,7 @@ class Reroute(Method):
     def adapt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
         """Start a new request on ``input_ids`` [B, T] (adapt and install its deltas); returns ``stats()``'s
         ``last`` entry. Use ``with h.frozen():`` afterwards to run forwards with these deltas."""
+        self._tracker.reset()
         self._start(input_ids, attention_mask)
         return self.stats()["last"]
 
@@ -326,15 +328,9 @@ class Reroute(Method):
         mask = kwargs.get("attention_mask")
         if mask is not None and mask.dim() != 2:
             mask = None  # not a plain padding mask
-        new = (pkv is None or self._cache_ref is None or self._cache_ref() is not pkv or self._hist is None
-               or self._hist.shape[0] != B)
-        if new:
-            m = None if mask is None else mask[:, -T:]
-            self._start(ids, m)
-            self._cache_ref = weakref.ref(pkv) if pkv is not None else None
-            self._new_request = True
+        if self._tracker.start(pkv, force=self._hist is None or self._hist.shape[0] != B):
+            self._start(ids, None if mask is None else mask[:, -T:])
             return None
-        self._new_request = False
         m = torch.ones_like(ids) if mask is None else mask[:, -T:].to(ids.device).long()
         self._hist = torch.cat([self._hist, ids], 1)
         self._hmask = torch.cat([self._hmask, m], 1)
@@ -350,11 +346,7 @@ class Reroute(Method):
     def _post_hook(self, module, args, output):
         if self._busy or self._fixed:
             return None
-        if self._new_request and self._cache_ref is None:
-            pkv = getattr(output, "past_key_values", None)
-            if pkv is not None:  # a cache made inside this forward belongs to this request
-                self._cache_ref = weakref.ref(pkv)
-        self._new_request = False
+        self._tracker.finish(output)  # a cache made inside this forward belongs to this request
         return None
 
     @torch.no_grad()

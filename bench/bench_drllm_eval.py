@@ -29,7 +29,8 @@ import retrofit
 from retrofit.eval.static_prune import block_influence, calibration_texts, plan_from_scores
 from retrofit.models import load_model
 from retrofit.search.evaluator import PlanEvaluator
-from retrofit.search.tasks import load_task
+from retrofit.core.data import load_task
+from retrofit.core.plans import plan_passes as passes
 
 
 @torch.no_grad()
@@ -43,10 +44,6 @@ def router_plans(model, tok, handle, examples, skip_bias: float, batch: int = 32
         model(**enc, use_cache=False)
         plans.extend(tuple(p) for p in handle.last_plans)
     return plans
-
-
-def passes(plan):
-    return sum({"skip": 0, "execute": 1, "repeat": 2}[a] for a in plan)
 
 
 def run_task(model, tok, handle, ev, task, split, limit, biases, static_ks, scores, shard=(0, 1)):

@@ -31,7 +31,7 @@ from retrofit.models import load_model  # noqa: E402
 from retrofit.search.evaluator import PlanEvaluator, naive_scores  # noqa: E402
 from retrofit.search.mcts import MCTSConfig, mcts_search  # noqa: E402
 from retrofit.search.run import read_records, summarize  # noqa: E402
-from retrofit.search.tasks import load_task  # noqa: E402
+from retrofit.core.data import load_task  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import retrofit
 from retrofit.artifacts import ArtifactError
 from retrofit.methods.roma import RomaConfig, kernel_weights, manifold_term, routing_probs
 from retrofit.methods.roma.train import neighbours, roma_loss, score_example, train_roma
-from retrofit.search.tasks import Example
+from retrofit.core.data import Example
 from retrofit.testing import MOE_FAMILIES, tiny_model
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from retrofit.search.tasks import Example, TaskDataError, extract_number, load_task, numbers_match
+from retrofit.core.data import Example, TaskDataError, extract_number, load_task, numbers_match
 
 
 @pytest.fixture

@@ -103,6 +103,28 @@ def test_offsets_are_differentiable():
     loss.backward()
     assert delta.grad is not None and delta.grad.abs().sum() > 0
     hook.release()
+    # It is the loss's gradient: central differences per expert agree, on a Mixtral that routes every expert
+    # (top-k = E: the small steps flip no selection). Mixtral renormalises the softmax over the chosen experts,
+    # so a shift of all offsets changes nothing: the gradient sums to 0.
+    model = tiny_model("mixtral", num_experts_per_tok=8)
+    hook = GateHook.install(model)
+    layer, E = hook.layers[1], hook.num_experts()
+    delta = torch.zeros(E, requires_grad=True)
+    hook.set_offset(layer, delta)
+    (grad,) = torch.autograd.grad(model(_ids(), labels=_ids()).loss, delta)
+    fd = torch.zeros(E)
+    with torch.no_grad():
+        for e in range(E):
+            losses = []
+            for s in (0.05, -0.05):  # smooth in the offsets: central differences are O(step^2)
+                hook.set_offset(layer, torch.zeros(E).index_fill(0, torch.tensor([e]), s))
+                losses.append(model(_ids(), labels=_ids()).loss.item())
+            fd[e] = (losses[0] - losses[1]) / 0.1
+    hook.release()
+    scale = float(grad.abs().max())  # measured 9.1e-4; central differences within 0.7 % of it
+    assert scale > 1e-4
+    torch.testing.assert_close(fd, grad, rtol=0, atol=0.03 * scale)
+    assert abs(float(grad.sum())) < 1e-3 * scale
 
 
 def test_shared_hook_reference_counted_and_owners():

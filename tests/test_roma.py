@@ -152,6 +152,26 @@ def test_only_gate_deltas_get_gradients(family):
     man.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
     h.detach()
+    # ... and they are the gradients of those terms: central differences along a random direction agree. Same
+    # family with every expert routed (top-k = E), so no expert selection flips under the small step.
+    m = tiny_model(family, num_experts_per_tok=8, **({"topk_group": 2} if family == "deepseek_v3" else {}))
+    h = retrofit.attach(m, "roma", num_layers=2)
+    params = h.trainable(True)
+    g = torch.Generator().manual_seed(1)
+    v = [torch.randn(p.shape, generator=g) for p in params]
+    for which in (0, 2):  # the whole loss, then the manifold term alone
+        grads = torch.autograd.grad(roma_loss(h, TOK, exs, R_nb, W, lam=0.8)[which], params)
+        moved = []
+        with torch.no_grad():
+            for s in (1e-3, -1e-3):
+                for p, d in zip(params, v):
+                    p.add_(s * d)
+                moved.append(roma_loss(h, TOK, exs, R_nb, W, lam=0.8)[which].item())
+                for p, d in zip(params, v):
+                    p.sub_(s * d)
+        directional = sum((gr * d).sum() for gr, d in zip(grads, v)).item()
+        assert (moved[0] - moved[1]) / 2e-3 == pytest.approx(directional, rel=0.03, abs=2e-3), which
+    h.detach()
 
 
 def test_delta_gradient_equals_gate_weight_gradient():

@@ -28,7 +28,17 @@ def test_smollm2_identity_skip_plan_and_cache(smollm2):
         # Skipping 5 upper-middle layers keeps the model sensible: the same top-1 next token on many positions.
         real = enc.attention_mask.bool()
         agree = (skipped.argmax(-1) == base.argmax(-1))[real].float().mean().item()
-        assert agree > 0.25  # measured 0.39; a broken runtime gives ~0
+        # measured 0.39 = 7 of the 18 real positions; > 0.3 (at least 6 of 18) leaves one position to float noise
+        assert agree > 0.3
+        # the skip plan's logits are those of running the other 25 blocks by hand, with the model's own masks
+        from retrofit.arch import get_adapter
+
+        a = get_adapter(model)
+        hid, kw = a.prepare(model, enc.input_ids, enc.attention_mask)
+        for i, layer in enumerate(a.layers(model)):
+            if plan[i] == "execute":
+                hid = a.call_layer(layer, hid, kw)
+        torch.testing.assert_close(skipped[real], a.head(model, hid)[real], rtol=1e-4, atol=1e-4)
         model.generation_config.eos_token_id = None
         h.reset_stats()
         gen = model.generate(**enc, max_new_tokens=8, do_sample=False)

@@ -128,7 +128,7 @@ def static_skip_study(model, tokenizer, examples: list[Example], *, skips: int, 
     def objective(trial):
         idx = [trial.suggest_int(f"skip_{j}", 0, L - 1) for j in range(skips)]
         plan = plan_of(idx)
-        trial.set_user_attr("compute", plan_compute(plan))
+        trial.set_user_attr("compute", plan_passes(plan))
         return evaluate_static_plan(ev, examples, plan)
 
     enqueue = []
@@ -143,4 +143,4 @@ def static_skip_study(model, tokenizer, examples: list[Example], *, skips: int, 
     plan = plan_of([best.params[f"skip_{j}"] for j in range(skips)])
     return {"study_name": study_name, "storage": storage_url(storage), "n_trials": len(done),
             "n_examples": len(examples), "skips": skips, "num_layers": L, "best_acc": best.value,
-            "best_compute": plan_compute(plan), "best_layer_fraction": plan_compute(plan) / L, "best_plan": list(plan)}
+            "best_compute": plan_passes(plan), "best_layer_fraction": plan_passes(plan) / L, "best_plan": list(plan)}

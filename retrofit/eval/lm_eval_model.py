@@ -54,8 +54,16 @@ class RetrofitLM(HFLM):
         from retrofit.models import load_model
 
         cfg: dict[str, Any] = {}
+        self.prompt_policy = "continuation"  # the base model
         if method:
-            fields = {f.name for f in dataclasses.fields(get_method(method).config_cls)}
+            method_cls = get_method(method)
+            self.prompt_policy = method_cls.prompt_policy
+            if self.prompt_policy == "context":
+                raise NotImplementedError(
+                    f"method {method!r} adapts on the context (prompt policy 'context'); lm-eval scores context + "
+                    "answer in one forward, so it would adapt on the answer too. The lm-eval model does not run "
+                    "such methods (score them with an adapt-then-frozen loop, as bench/bench_reroute.py does).")
+            fields = {f.name for f in dataclasses.fields(method_cls.config_cls)}
             cfg = {k: kwargs.pop(k) for k in list(kwargs) if k in fields}
         elif routers is not None:
             raise ValueError("routers= given without method=; add method=drllm (or another method key)")
@@ -105,7 +113,7 @@ class RetrofitLM(HFLM):
     # --- which plan a prompt runs ----------------------------------------------------------------------------
     def _static_plan(self) -> list[str] | None:
         """The plan every prompt runs when it does not depend on the prompt (base model, static drllm plan)."""
-        if self.handle is None or self.method != "drllm":
+        if self.handle is None or self.prompt_policy != "prompt":
             return ["execute"] * self.num_layers
         plan = getattr(self.handle.config, "plan", None)
         if plan is not None:
@@ -130,7 +138,7 @@ class RetrofitLM(HFLM):
             self._model(input_ids=ids, attention_mask=mask, use_cache=False)
             plans = self.handle.last_plans
             if plans is None or len(plans) != len(chunk):
-                raise RuntimeError("the drllm handle did not report one plan per prompt (handle.last_plans)")
+                raise RuntimeError(f"the {self.method} handle did not report one plan per prompt (handle.last_plans)")
             out.extend([list(p) for p in plans])
         return out
 
@@ -149,7 +157,7 @@ class RetrofitLM(HFLM):
         plans = dict(zip(contexts, self.route_prompts([list(c) for c in contexts])))
         for task, (_, ctx, _) in zip(tasks, requests):
             self._compute.setdefault(task, {})[tuple(ctx)] = plans[tuple(ctx)]
-        per_row = self.handle is not None and self.method == "drllm" and self._static_plan() is None
+        per_row = self.handle is not None and self.prompt_policy == "prompt" and self._static_plan() is None
         if per_row:
             rows: dict[tuple, list[str]] = {}
             for _, ctx, cont in requests:

@@ -32,6 +32,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from retrofit.artifacts import ArtifactError, compare_fingerprint, fingerprint_of, load_artifact
 from retrofit.core.plans import EXECUTE, REPEAT, SKIP, plan_codes
+from retrofit.methods import get_method
 from retrofit.methods.drllm import DrLLMConfig, RouterBank, window_matrix, window_weights
 from retrofit.serve.config import RequestChoice, ServeConfigError, find_serve_config, parse_request_args
 
@@ -46,12 +47,17 @@ class _Served:
 
     def __init__(self, name: str, path: str, overrides: dict, num_layers: int, hidden: int):
         meta, tensors = load_artifact(path, method=None)
-        if meta["method"] != "drllm":
-            raise ArtifactError(f"artifact {name!r} ({path}) is a {meta['method']!r} artifact; the vLLM plugin "
-                                "serves drllm artifacts (MoE gate methods in vLLM are not built yet)")
+        try:
+            method_cls = get_method(meta["method"])
+        except (KeyError, NotImplementedError) as e:
+            raise ArtifactError(f"artifact {name!r} ({path}): {e}") from None
+        if method_cls.prompt_policy != "prompt" or method_cls.config_cls is not DrLLMConfig:
+            raise ArtifactError(f"artifact {name!r} ({path}) is a {meta['method']!r} artifact (prompt policy "
+                                f"{method_cls.prompt_policy!r}); the vLLM plugin serves layer plans decided from the "
+                                "prompt (drllm artifacts; MoE gate methods in vLLM are not built yet)")
         cfg_dict = dict(meta["config"])
         cfg_dict.update(overrides)
-        cfg = DrLLMConfig(**cfg_dict)
+        cfg = method_cls.config_cls(**cfg_dict)
         self.name, self.path, self.meta, self.config = name, path, meta, cfg
         self.plan = None
         self.routers = None

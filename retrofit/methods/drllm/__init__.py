@@ -46,6 +46,7 @@ class _StepState:
 @register_method("drllm")
 class DrLLM(Method):
     config_cls = DrLLMConfig
+    prompt_policy = "prompt"  # the plan is decided from the prompt at prefill and kept
 
     def __init__(self, model, config: DrLLMConfig, adapter):
         super().__init__(model, config, adapter)

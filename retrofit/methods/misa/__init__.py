@@ -99,6 +99,7 @@ def _project(indexer, rope, hidden_states, q_resid, position_embeddings, past_ke
 @register_method("misa")
 class Misa(Method):
     config_cls = MisaConfig
+    prompt_policy = "continuation"  # head routing per query token, causal
 
     # lifecycle ------------------------------------------------------------------------------------
     def _attach(self, tensors, meta):

@@ -33,7 +33,8 @@ def register(app: typer.Typer) -> None:
         cfg = DistillConfig(layers=tuple(int(x) for x in layers.split(",")), steps=steps, seq_len=seq_len,
                             indexer=IndexerConfig(n_heads=n_heads, head_dim=head_dim))
         indexers, metrics = distill_indexers(model, tok, data, cfg, log=typer.echo)
-        assert all(torch.equal(p, before[n]) for n, p in model.named_parameters()), "base model changed"
+        if not all(torch.equal(p, before[n]) for n, p in model.named_parameters()):
+            raise RuntimeError("the base model's weights changed during indexer distillation")
         path = save_indexers(out or default_indexer_path(), model, indexers, cfg, metrics)
         typer.echo(f"saved {path}")
 

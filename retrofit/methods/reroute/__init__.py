@@ -142,6 +142,7 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
 @register_method("reroute")
 class Reroute(Method):
     config_cls = RerouteConfig
+    prompt_policy = "context"  # deltas adapted on the context; a continuation must not be adapted on
 
     def __init__(self, model, config: RerouteConfig, adapter):
         super().__init__(model, config, adapter)

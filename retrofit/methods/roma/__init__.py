@@ -130,6 +130,7 @@ def manifold_term(r: torch.Tensor, r_nb: torch.Tensor, w: torch.Tensor) -> torch
 # ------------------------------------------------------------------------------------------------------------
 @register_method("roma")
 class Roma(Method):
+    prompt_policy = "continuation"  # finetuned gates act per token
     config_cls = RomaConfig
 
     # lifecycle ------------------------------------------------------------------------------------
@@ -163,9 +164,7 @@ class Roma(Method):
                     raise ValueError(f"the RoMA artifact holds deltas {extra} for layers this config does not "
                                      f"select ({self.layers})")
         except Exception:
-            hook.release()
-            for n, p in self.model.named_parameters():  # Method.attach froze the model before calling us
-                p.requires_grad_(self._grad_flags.get(n, p.requires_grad))
+            hook.release()  # Method.attach puts the model back (requires_grad flags, forwards, hooks)
             raise
         self.hook = hook
         self.deltas = nn.ParameterDict(deltas)
@@ -178,12 +177,14 @@ class Roma(Method):
         self._calls = 0
 
     def _detach(self):
-        for h in self._handles:
+        for h in getattr(self, "_handles", []):
             h.remove()
         self._handles = []
-        self._hidden.clear()
-        self.hook.clear("roma")
-        self.hook.release()
+        getattr(self, "_hidden", {}).clear()
+        if getattr(self, "hook", None) is not None:
+            self.hook.clear("roma")
+            self.hook.release()
+            self.hook = None
 
     def _choose_layers(self, moe_layers: list[int]) -> list[int]:
         if self.config.layers is not None:

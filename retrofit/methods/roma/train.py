@@ -321,7 +321,8 @@ def train_roma(model, tok, examples, cfg: RomaConfig | None = None, out_dir=None
         if prefix is not None and len(prefix) != len(examples):
             raise ValueError("prefix= was computed for other examples")
         params = handle.trainable(True)
-        assert not any(p.requires_grad for p in model.parameters()), "the base model must stay frozen"
+        if any(p.requires_grad for p in model.parameters()):
+            raise RuntimeError("the base model must stay frozen while RoMA trains its gate deltas")
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         rng = random.Random(cfg.seed)
         history = []
@@ -345,7 +346,8 @@ def train_roma(model, tok, examples, cfg: RomaConfig | None = None, out_dir=None
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 leaked = [nm for nm, p in model.named_parameters() if p.grad is not None]
-                assert not leaked, f"base parameters received gradients: {leaked[:5]}"
+                if leaked:
+                    raise RuntimeError(f"base parameters received gradients: {leaked[:5]}")
                 opt.step()
                 tot += loss.item() * len(bi)
                 tot_ce += ce.item() * len(bi)
@@ -368,5 +370,6 @@ def train_roma(model, tok, examples, cfg: RomaConfig | None = None, out_dir=None
     except BaseException:
         handle.detach()
         raise
-    assert fingerprint(model) == before, "base model weights changed during RoMA training"
+    if fingerprint(model) != before:
+        raise RuntimeError("base model weights changed during RoMA training")
     return handle, report

@@ -293,6 +293,7 @@ def load_texts(path: str | Path, limit: int | None = None) -> list[str]:
 # ------------------------------------------------------------------------------------------------------------
 @register_method("steer")
 class Steer(Method):
+    prompt_policy = "continuation"  # fixed expert offsets act per token
     config_cls = SteerConfig
 
     def __init__(self, model, config: SteerConfig, adapter):

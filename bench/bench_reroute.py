@@ -214,7 +214,8 @@ def generation_overhead(model, text_ids, args, log) -> dict:
         t_rr, rr_out = gen_all()
         st = h.stats()
         cfg = {"steps": h.config.steps, "lr": h.config.lr, "interval": h.config.interval,
-               "kv_cache": h.config.kv_cache, "layers": "all MoE layers" if h.config.num_layers is None else h.config.num_layers}
+               "kv_cache": h.config.kv_cache,
+               "layers": "all MoE layers" if h.config.num_layers is None else h.config.num_layers}
     finally:
         h.detach()
     same = sum(int(torch.equal(a, b)) for a, b in zip(base_out, rr_out))

@@ -151,7 +151,8 @@ def main():
         s_res, s_reports = run_task(model, tok, s_train, {args.second_task: s_test}, cfgs, log, embeddings=s_emb)
         second_block = {
             "task": args.second_task, "mode": "train (own split)", "n_train": len(s_train), "n_test": len(s_test),
-            "base_acc": s_res["base"][args.second_task]["acc"], "plain_ft_acc": s_res["plain_ft"][args.second_task]["acc"],
+            "base_acc": s_res["base"][args.second_task]["acc"],
+            "plain_ft_acc": s_res["plain_ft"][args.second_task]["acc"],
             "roma_acc": s_res["roma"][args.second_task]["acc"],
             "train_reports": {k: {kk: v[kk] for kk in ("base_train_acc", "successful", "history", "delta_norms",
                                                        "seconds")} for k, v in s_reports.items()},

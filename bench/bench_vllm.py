@@ -213,7 +213,8 @@ def serve_check(args) -> dict:
     config = {"artifacts": arts, "default": "none", "allow_request_plans": True}
     port = free_port()
     ps = prompts(args.concurrent)
-    variants = [None, {"retrofit": "static"}, {"retrofit_plan": "".join("s" if a == "skip" else "e" for a in plan_for(4))}]
+    variants = [None, {"retrofit": "static"},
+                {"retrofit_plan": "".join("s" if a == "skip" else "e" for a in plan_for(4))}]
     if "routers" in arts:
         variants.append({"retrofit": "routers"})
     requests = [(p, variants[i % len(variants)]) for i, p in enumerate(ps)]

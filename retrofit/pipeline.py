@@ -41,7 +41,8 @@ def run_pipeline(workdir: Path, train_examples: int = 32, test_examples: int = 1
     routers = workdir / "routers"
     typer.echo("[2/4] training Dr.LLM routers on the searched plans")
     if not (routers / "retrofit.json").is_file():
-        rep = train_from_searches(model, tok, [workdir / "search.jsonl"], routers, TrainConfig(epochs=epochs, seed=seed))
+        rep = train_from_searches(model, tok, [workdir / "search.jsonl"], routers,
+                                  TrainConfig(epochs=epochs, seed=seed))
     else:
         rep = json.loads((routers / "training_report.json").read_text())
     typer.echo(f"      {rep['train_examples']} train / {rep['val_examples']} val examples, "

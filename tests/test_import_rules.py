@@ -106,7 +106,8 @@ def test_the_tree_keeps_the_dependency_rule():
 
 @pytest.mark.parametrize("module, source, rule", [
     ("retrofit.methods.drllm.train", "from retrofit.search.evaluator import PlanEvaluator", "may not import 'search'"),
-    ("retrofit.methods.roma.train", "def f():\n    from retrofit.eval.runner import evaluate\n", "may not import 'eval'"),
+    ("retrofit.methods.roma.train", "def f():\n    from retrofit.eval.runner import evaluate\n",
+     "may not import 'eval'"),
     ("retrofit.methods.steer", "import retrofit.serve.config", "may not import 'serve'"),
     ("retrofit.search.run", "from retrofit.methods.drllm import DrLLM", "may not import 'methods'"),
     ("retrofit.search.mcts", "from ..methods import get_method", "may not import 'methods'"),

@@ -13,7 +13,8 @@ if __name__ == "__main__":
 
     from retrofit.serve.launch import retrofit_architecture
 
-    model, out, cfg, prompts, n = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4]), int(sys.argv[5])
+    model, out = sys.argv[1], sys.argv[2]
+    cfg, prompts, n = json.loads(sys.argv[3]), json.loads(sys.argv[4]), int(sys.argv[5])
     kw = dict(model=model, dtype="float32", max_model_len=256, enforce_eager=True, seed=0)
     if cfg is not None:
         kw["hf_overrides"] = {"architectures": [retrofit_architecture(model)], "retrofit": cfg}

@@ -35,8 +35,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = ["Example", "TaskDataError", "load_task", "available_tasks", "data_dir", "extract_number",
-           "numbers_match", "hellaswag_clean", "hellaswag_doc", "arc_challenge_docs", "piqa_labels", "tokenize_request", "pad_id",
-           "pad_right", "continuation_logprobs", "score_continuations", "read_search_records", "read_searches"]
+           "numbers_match", "hellaswag_clean", "hellaswag_doc", "arc_challenge_docs", "piqa_labels",
+           "tokenize_request", "pad_id", "pad_right", "continuation_logprobs", "score_continuations",
+           "read_search_records", "read_searches"]
 
 _REPO = Path(__file__).resolve().parents[2]
 

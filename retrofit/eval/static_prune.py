@@ -99,7 +99,8 @@ def block_influence(model, tokenizer, texts: list[str], max_tokens: int = 256, p
                 raise RuntimeError(f"hooks saw {len(captured)} of {L} decoder layers")
             for i in range(L):
                 x, y = captured[i]
-                cos = torch.nn.functional.cosine_similarity(x.double().flatten(0, -2), y.double().flatten(0, -2), dim=-1)
+                cos = torch.nn.functional.cosine_similarity(x.double().flatten(0, -2), y.double().flatten(0, -2),
+                                                            dim=-1)
                 sums[i] += cos.sum()
             count += ids.shape[1]
     finally:
@@ -127,5 +128,6 @@ def static_prune_plan(model, tokenizer, config: StaticPruneConfig | None = None,
         texts = calibration_texts(config.calib, config.num_samples, config.seed, data=data)
     scores = block_influence(model, tokenizer, texts, config.max_tokens, progress=progress)
     plan = plan_from_scores(scores.tolist(), config.k)
-    return {"plan": plan, "scores": [float(s) for s in scores], "dropped": [i for i, a in enumerate(plan) if a == "skip"],
+    return {"plan": plan, "scores": [float(s) for s in scores],
+            "dropped": [i for i, a in enumerate(plan) if a == "skip"],
             "num_layers": len(plan), "config": asdict(config), "method": "shortgpt_block_influence"}

@@ -27,8 +27,6 @@ Three implementations of the routed token score, all tested against each other:
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 try:  # triton is optional: only GPUs use it

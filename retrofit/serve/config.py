@@ -84,7 +84,8 @@ def parse_serve_config(obj) -> ServeConfig:
         raise ServeConfigError(f"the retrofit serve config must be a JSON object, got {type(obj).__name__}")
     unknown = set(obj) - _TOP_KEYS
     if unknown:
-        raise ServeConfigError(f"unknown keys {sorted(unknown)} in the retrofit serve config; known: {sorted(_TOP_KEYS)}")
+        raise ServeConfigError(f"unknown keys {sorted(unknown)} in the retrofit serve config; "
+                               f"known: {sorted(_TOP_KEYS)}")
     plan = obj.get("plan")
     if plan is not None:
         plan = parse_plan(plan)

@@ -66,7 +66,8 @@ class _Served:
                 raise ServeConfigError(f"artifact {name!r} has a static plan with 'repeat'; the vLLM plugin does "
                                        "not serve repeats (a repeated layer needs its own KV-cache slot)")
             if len(cfg.plan) != num_layers:
-                raise ServeConfigError(f"artifact {name!r}: plan has {len(cfg.plan)} entries, model {num_layers} layers")
+                raise ServeConfigError(f"artifact {name!r}: plan has {len(cfg.plan)} entries, "
+                                       f"model {num_layers} layers")
             self.plan = torch.tensor(plan_codes(cfg.plan), dtype=torch.long)
         elif tensors:
             if cfg.allow_repeat:

@@ -5,7 +5,8 @@ absolute (or relative to the working directory), so :func:`render_tasks` writes 
 folder filled in, into a task folder (a temp dir by default) together with a ``utils.py`` for the
 ``!function`` hooks. Pass that folder to lm-eval as ``include_path`` (``retrofit eval`` does it for you).
 
-The data folder is :func:`retrofit.core.data.data_dir`'s (``$RETROFIT_DATA`` or ``../shared/data``). Task names carry a ``retrofit_`` prefix so they
+The data folder is :func:`retrofit.core.data.data_dir`'s (``$RETROFIT_DATA`` or ``../shared/data``). Task names
+carry a ``retrofit_`` prefix so they
 never clash with lm-eval's own (hub-backed) tasks; :func:`resolve_task_names` maps short names (``arc_easy``).
 """
 
@@ -94,8 +95,9 @@ def make_processors(data: str | os.PathLike) -> dict:
     def load_arc_challenge(**_ignored):
         import datasets
 
-        return datasets.DatasetDict({split: datasets.Dataset.from_list([d for _, _, d in arc_challenge_docs(root, split)])
-                                     for split in ("validation", "test")})
+        return datasets.DatasetDict({
+            split: datasets.Dataset.from_list([doc for _, _, doc in arc_challenge_docs(root, split)])
+            for split in ("validation", "test")})
 
     return {"process_piqa": process_piqa, "process_hellaswag": process_hellaswag,
             "load_arc_challenge": load_arc_challenge}

@@ -12,7 +12,8 @@ def register(app: typer.Typer) -> None:
 
     @misa.command("distill")
     def distill(
-        out: Path = typer.Option(None, help="artifact folder (default: <retrofit cache>/misa/smollm2-lightning-indexer)"),
+        out: Path = typer.Option(None,
+                                 help="artifact folder (default: <retrofit cache>/misa/smollm2-lightning-indexer)"),
         data: Path = typer.Option(Path("../shared/data"), help="the shared evaluation data folder"),
         layers: str = typer.Option("4,12,20", help="comma-separated decoder layers"),
         steps: int = typer.Option(120, help="optimiser steps per layer"),

@@ -149,8 +149,7 @@ def score_example(model, tok, ex, handle=None):
     reqs = _requests(tok, ex)
     seqs = [c + x for c, x in reqs]
     dev = next(model.parameters()).device
-    ids, att = pad_right(seqs, pad_id(tok), dev)
-    T = ids.shape[1]
+    ids, _ = pad_right(seqs, pad_id(tok), dev)
     ctx = contextlib.nullcontext() if handle is None else handle.capture()
     with ctx as cap:
         hid = _run(model, ids)
@@ -169,8 +168,7 @@ def score_example_multi(handle, tok, ex, delta_sets: list[dict[int, torch.Tensor
     reqs = _requests(tok, ex)
     seqs = [c + x for c, x in reqs]
     dev = next(model.parameters()).device
-    ids, att = pad_right(seqs, pad_id(tok), dev)
-    T = ids.shape[1]
+    ids, _ = pad_right(seqs, pad_id(tok), dev)
     L0 = handle.layers[0]
     pre = _run(model, ids, 0, None, L0)
     saved = {l: p.detach().clone() for l, p in handle.deltas.items()}
@@ -253,7 +251,7 @@ def roma_loss(handle, tok, batch, R_nb=None, W=None, lam: float = 0.0, prefix: l
     model = handle.model
     reqs, seqs = _gold(tok, batch)
     dev = next(model.parameters()).device
-    ids, att = pad_right(seqs, pad_id(tok), dev)
+    ids, _ = pad_right(seqs, pad_id(tok), dev)
     T = ids.shape[1]
     with handle.capture() as cap:
         if prefix is None:

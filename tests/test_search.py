@@ -421,9 +421,13 @@ def test_confident_reward_refuses_a_lucky_low_confidence_win():
     assert lucky.correct and not rule.correct(lucky, base)
     assert rule.correct(sure, base) and not rule.correct(worse, base) and not rule.correct(wrong, base)
     assert RewardRule(kind="binary").correct(lucky, base)
-    # a wrong base plan: a plan that flips the answer must itself be sure
+    # a wrong base plan: by default no plan earns the reward there (a flip is mostly luck on a near-chance model);
+    # with flips=True a plan that flips the answer must itself be sure
     base_wrong = _res([lg(0.2), lg(0.6), lg(0.1), lg(0.1)], 0)
-    assert rule.correct(sure, base_wrong) and not rule.correct(lucky, base_wrong)
+    assert not rule.searchable(base_wrong) and rule.searchable(base)
+    assert not rule.correct(sure, base_wrong)
+    flips = RewardRule(flips=True)
+    assert flips.searchable(base_wrong) and flips.correct(sure, base_wrong) and not flips.correct(lucky, base_wrong)
     for bad in (dict(kind="margin"), dict(min_prob=1.5), dict(max_drop=True)):
         with pytest.raises(ValueError):
             RewardRule(**bad)
@@ -445,3 +449,7 @@ def test_resume_refuses_changed_search_or_reward_settings(tiny, tmp_path):
     recs = search_examples(m, tok, exs, out, cfg=MCTSConfig(simulations=8), progress=False)
     assert len(recs) == 3 and len(read_records(out)) == 3
     assert all(r["reward"] in (0.0, 1.0) and "good_plans" in r and "base_gold_prob" in r for r in recs)
+    # a question the base plan gets wrong is not searched under the default (no-flip) rule
+    for r in recs:
+        assert (r["stats"]["configs"] == 1) == (not r["base_correct"])
+        assert r["found"] <= r["base_correct"]

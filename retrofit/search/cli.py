@@ -36,6 +36,8 @@ def register(app: typer.Typer) -> None:
                                    "--min-prob and at most --max-drop below the base plan's; 'binary': gold wins"),
         min_prob: float = typer.Option(0.5, help="confident reward: least gold-choice probability among the choices"),
         max_drop: float = typer.Option(0.1, help="confident reward: largest drop below the base plan's gold probability"),
+        flips: bool = typer.Option(False, help="confident reward: a plan may also earn it by turning the base plan's "
+                                   "wrong answer right (off: such flips are mostly luck on a near-chance model)"),
         widen_alpha: float = typer.Option(0.7, help="path tree: a node with v visits holds <= ceil(v ** alpha) children"),
         batch: int = typer.Option(8, help="simulations evaluated together as one batch"),
         c: float = typer.Option(1.8, help="UCB exploration constant"),
@@ -74,7 +76,7 @@ def register(app: typer.Typer) -> None:
             cfg = MCTSConfig(simulations=simulations, tree=tree, c=c, lam=lam, p_random=p_random, batch=batch,
                              rollout_skip=rollout_skip, rollout_repeat=rollout_repeat, allow_repeat=not no_repeat,
                              widen_alpha=widen_alpha)
-            rule = RewardRule(kind=reward, min_prob=min_prob, max_drop=max_drop)
+            rule = RewardRule(kind=reward, min_prob=min_prob, max_drop=max_drop, flips=flips)
             examples = load_task(task, split, limit)
             if compare is not None and not compare.is_file():
                 raise ValueError(f"--compare {compare}: no such file")

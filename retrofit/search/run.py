@@ -8,7 +8,7 @@ import random
 import time
 from pathlib import Path
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from retrofit.core.plans import plan_letters
 
@@ -98,7 +98,9 @@ def search_examples(model, tokenizer, examples: list[Example], out: str | Path, 
                     evaluated[r.plan] = r
                 return [reward.correct(r, base_res) for r in results]
 
-            res = mcts_search(judge, L, cfg, rng, budget=bp)
+            # nothing can earn the reward here (the base plan is wrong and flips do not count): no tree
+            search_cfg = cfg if reward.searchable(base_res) else replace(cfg, simulations=0)
+            res = mcts_search(judge, L, search_cfg, rng, budget=bp)
             chosen = ev.evaluate([res.plan])[0]
             conf = {}
             if chosen.scores is not None:

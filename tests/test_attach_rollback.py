@@ -172,7 +172,7 @@ def test_misa_wrong_model_bad_config_and_fault(monkeypatch):
     check_rollback(model, lambda: retrofit.attach(model, "misa", active_heads=0), ValueError)
     check_rollback(model, lambda: retrofit.attach(model, "misa", hierarchical=True, candidates=1), ValueError,
                    "candidates")
-    import retrofit.methods.misa as misa_mod
+    import retrofit.methods.misa.runtime as misa_mod
 
     real = misa_mod.patch_forward
     n = []

@@ -1,0 +1,306 @@
+"""Dr.LLM: per-layer routers that skip, execute or repeat each decoder block (arXiv 2510.12773).
+
+How it hooks in (peft-style, in place): every decoder layer's ``forward`` is overridden on the instance
+(removed again by ``detach``), and a pre-hook on the inner decoder sees each forward call first.
+
+* A forward whose KV cache is new (or absent) is a prefill: the plan for each sequence of the batch is
+  decided then (explicit plan > config plan > routers > execute everywhere) and kept for every later
+  decode step on that cache. Routers decide layer by layer from the hidden states entering the layer.
+* KV cache slots are handed out in execution order: the p-th block pass of a step writes slot p. Plans are
+  fixed per sequence, so a pass maps to the same slot at every step; a skipped block writes nothing, the
+  second pass of a repeated block has its own slot, and slot 0 always belongs to the first executed pass
+  (transformers reads the cache length from slot 0).
+* Rows of a batch with different plans: a block runs for the whole batch when any row needs it, and rows
+  that skip it keep their input (``torch.where``). Blocks that no row needs cost nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from retrofit.core.hooks import RequestTracker, patch_forward
+from retrofit.methods import Method, register_method
+from retrofit.core.plans import ACTIONS, EXECUTE, REPEAT, SKIP, validate_plan
+from retrofit.methods.drllm.config import DrLLMConfig
+from retrofit.methods.drllm.router import RouterBank, window_matrix, window_weights
+
+__all__ = ["DrLLM"]
+
+
+class _StepState:
+    """What one forward call of the inner decoder needs: the actions per row and the next free cache slot."""
+
+    __slots__ = ("actions", "slot", "deciding", "mask", "pool", "capture", "cache")
+
+    def __init__(self):
+        self.actions: torch.Tensor | None = None  # [B, L] long
+        self.slot = 0
+        self.deciding = False
+        self.mask = None
+        self.pool = None  # (averaging matrix [B, W, T], valid [B, W]) for this prefill, built once
+        self.capture: list | None = None
+        self.cache = None
+
+
+@register_method("drllm")
+class DrLLM(Method):
+    config_cls = DrLLMConfig
+    prompt_policy = "prompt"  # the plan is decided from the prompt at prefill and kept
+
+    def __init__(self, model, config: DrLLMConfig, adapter):
+        super().__init__(model, config, adapter)
+        self.layers = adapter.layers(model)
+        self.num_layers = len(self.layers)
+        self.hidden_size = int(model.config.hidden_size)
+        self.routers: RouterBank | None = None
+        self._explicit_plan: torch.Tensor | None = None
+        self._step = _StepState()
+        self._plans: torch.Tensor | None = None  # plans of the current request batch [B, L]
+        self._tracker = RequestTracker()
+        self._hooks = []
+        self._patches = []
+        self._slot_modules: list[list[nn.Module]] = []
+        self._orig_idx: list[list[int]] = []
+        self.reset_stats()
+
+    # ---------------------------------------------------------------- lifecycle
+    def _attach(self, tensors, meta):
+        cfg = self.config
+        if cfg.plan is not None:
+            validate_plan(cfg.plan, self.num_layers, cfg.allow_repeat)
+        if tensors:
+            bank = RouterBank(self.num_layers, self.hidden_size, cfg.bottleneck)
+            try:
+                bank.load_state_dict(tensors, strict=True)
+            except RuntimeError as e:
+                from retrofit.artifacts import ArtifactError
+
+                raise ArtifactError(f"router tensors do not match this model/config: {e}") from e
+            self.routers = bank.to(next(self.model.parameters()).device).eval()
+        decoder = self.adapter.decoder(self.model)
+        self._hooks.append(decoder.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        self._hooks.append(decoder.register_forward_hook(self._post_hook))
+        for i, layer in enumerate(self.layers):
+            mods = self.adapter.cache_slot_modules(layer)
+            self._slot_modules.append(mods)
+            self._orig_idx.append([m.layer_idx for m in mods])
+            self._patches.append(patch_forward(layer, self._make_forward(i, layer)))
+
+    def _detach(self):
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        for p in reversed(self._patches):
+            p.restore()
+        self._patches.clear()
+        self._tracker.reset()
+        for mods, idx in zip(self._slot_modules, self._orig_idx):
+            for m, j in zip(mods, idx):
+                m.layer_idx = j
+        self._slot_modules.clear()
+        self._orig_idx.clear()
+
+    def state_tensors(self):
+        return {} if self.routers is None else dict(self.routers.state_dict())
+
+    def init_routers(self, seed: int | None = None) -> RouterBank:
+        """Fresh (untrained) routers, e.g. to train them; Xavier-uniform weights, zero biases."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        bank = RouterBank(self.num_layers, self.hidden_size, self.config.bottleneck)
+        self.routers = bank.to(next(self.model.parameters()).device)
+        return self.routers
+
+    # ---------------------------------------------------------------- plans
+    def set_plan(self, plan):
+        """Fix the plan: a list of L actions for every sequence, a list of such lists (one per batch row),
+        or None to return to the config plan / routers."""
+        if plan is None:
+            self._explicit_plan = None
+            return
+        if len(plan) > 0 and not isinstance(plan[0], (str, int)):
+            rows = [validate_plan(p, self.num_layers, self.config.allow_repeat) for p in plan]
+        else:
+            rows = [validate_plan(plan, self.num_layers, self.config.allow_repeat)]
+        self._explicit_plan = torch.tensor([[ACTIONS.index(a) for a in r] for r in rows], dtype=torch.long)
+
+    @property
+    def last_plans(self) -> list[list[str]] | None:
+        if self._plans is None:
+            return None
+        return [[ACTIONS[a] for a in row] for row in self._plans.tolist()]
+
+    def _initial_actions(self, batch: int, device) -> tuple[torch.Tensor, bool]:
+        """Actions [B, L] known before the forward, and whether routers still have to decide them."""
+        plan = self._explicit_plan
+        if plan is None and self.config.plan is not None:
+            plan = torch.tensor([[ACTIONS.index(a) for a in self.config.plan]], dtype=torch.long)
+        if plan is not None:
+            if plan.shape[0] == 1:
+                plan = plan.expand(batch, -1)
+            elif plan.shape[0] != batch:
+                raise ValueError(f"set_plan() got {plan.shape[0]} per-row plans but the batch has {batch} rows")
+            return plan.to(device).clone(), False
+        acts = torch.full((batch, self.num_layers), EXECUTE, dtype=torch.long, device=device)
+        return acts, self.routers is not None
+
+    # ---------------------------------------------------------------- hooks
+    def _pre_hook(self, module, args, kwargs):
+        st = self._step
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        emb = kwargs.get("inputs_embeds")
+        ref = ids if ids is not None else emb
+        batch = ref.shape[0]
+        pkv = kwargs.get("past_key_values")
+        prefill = self._tracker.start(pkv, force=self._plans is None or self._plans.shape[0] != batch)
+        st.slot = 0
+        st.cache = pkv
+        if prefill:
+            acts, deciding = self._initial_actions(batch, ref.device)
+            st.actions, st.deciding = acts, deciding
+            st.mask = kwargs.get("attention_mask")
+            if st.mask is not None and (st.mask.dim() != 2 or st.mask.shape[-1] != ref.shape[1]):
+                st.mask = None  # not a plain padding mask: pool over every token
+            st.pool = None
+            self._plans = acts
+        else:
+            st.actions, st.deciding = self._plans, False
+        return None
+
+    def _post_hook(self, module, args, output):
+        st = self._step
+        if self._tracker.finish(output):  # a cache created inside the forward is adopted by the request
+            self._plans = st.actions
+            self._record(st.actions)
+        st.deciding = False
+        st.cache = None
+        st.actions = None
+        return None
+
+    def _record(self, actions: torch.Tensor):
+        counts = torch.stack([(actions == a).sum(0) for a in (SKIP, EXECUTE, REPEAT)], dim=1).cpu()
+        self._action_counts += counts
+        self._sequences += actions.shape[0]
+
+    # ---------------------------------------------------------------- the layer wrapper
+    def _decide(self, i: int, hidden: torch.Tensor):
+        st = self._step
+        if st.pool is None or st.pool[0].shape[-1] != hidden.shape[1]:
+            mask = st.mask if st.mask is not None else torch.ones(hidden.shape[:2], dtype=torch.long)
+            A, valid = window_matrix(mask.to(hidden.device), self.config.num_windows)
+            st.pool = (A, valid, window_weights(valid), self._decision_bias(hidden.device))
+        A, valid, weights, bias = st.pool
+        means = torch.bmm(A, hidden if hidden.dtype == torch.float32 else hidden.float())
+        if st.capture is not None:
+            st.capture.append((means, valid))
+        if not st.deciding:
+            return
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                acts = self.routers[i].decide(means, weights, bias)
+        else:
+            acts = self.routers[i].decide(means, weights, bias)
+        st.actions[:, i] = acts
+
+    def _decision_bias(self, device) -> torch.Tensor:
+        """The budget knob as one logit bias [skip, execute, repeat], read from the config at each prefill."""
+        cfg = self.config
+        bias = torch.tensor([float(cfg.skip_bias), 0.0, float(cfg.repeat_bias)], device=device)
+        if not cfg.allow_repeat:
+            bias[REPEAT] = float("-inf")
+        return bias
+
+    def _make_forward(self, i: int, layer: nn.Module):
+        orig = layer.__dict__.get("forward") or type(layer).forward.__get__(layer)
+        slot_mods = self._slot_modules[i]
+        orig_idx = self._orig_idx[i]
+        passthrough = self.adapter.extra.get("layer_passthrough")
+
+        def forward(hidden_states, *args, **kwargs):
+            st = self._step
+            if st.actions is None:  # called outside the decoder's forward (e.g. by the search): plain block
+                return orig(hidden_states, *args, **kwargs)
+            if st.deciding or st.capture is not None:
+                self._decide(i, hidden_states)
+            acts = st.actions[:, i]
+            n_pass = int(acts.max())
+            out = hidden_states
+            extras = None
+            pkv = kwargs.get("past_key_values")
+            try:
+                for p in range(n_pass):
+                    slot = st.slot
+                    st.slot += 1
+                    _ensure_slot(pkv, slot)
+                    for m in slot_mods:
+                        m.layer_idx = slot
+                    new = orig(out, *args, **kwargs)
+                    if isinstance(new, tuple):  # e.g. GLM-MoE-DSA returns (hidden, topk_indices)
+                        new, extras = new[0], new[1:]
+                        if passthrough:
+                            kwargs[passthrough] = extras[0]
+                    rows = acts > p
+                    out = new if bool(rows.all()) else torch.where(rows.view(-1, 1, 1), new, out)
+            finally:
+                for m, j in zip(slot_mods, orig_idx):
+                    m.layer_idx = j
+            if passthrough:  # the layer hands a value to the next one; a skipped layer passes it through
+                return (out, extras[0] if extras is not None else kwargs.get(passthrough))
+            return out
+
+        return forward
+
+    # ---------------------------------------------------------------- features for training
+    @torch.no_grad()
+    def collect_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                         plan=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Window means of the hidden states entering every layer under ``plan`` (teacher forcing).
+
+        Returns features [B, L, W, d] and validity [B, L, W]; routers can then be trained without running the
+        model again (routers do not change the hidden states they read when the plan is given).
+        """
+        old = self._explicit_plan
+        self.set_plan(plan if plan is not None else ["execute"] * self.num_layers)
+        self._step.capture = []
+        try:
+            self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            caps = self._step.capture
+        finally:
+            self._step.capture = None
+            self._explicit_plan = old
+        feats = torch.stack([c[0] for c in caps], dim=1)
+        valid = torch.stack([c[1] for c in caps], dim=1)
+        return feats, valid
+
+    # ---------------------------------------------------------------- stats
+    def reset_stats(self):
+        self._action_counts = torch.zeros(self.num_layers, 3, dtype=torch.long)
+        self._sequences = 0
+
+    def stats(self) -> dict:
+        n = max(self._sequences, 1)
+        c = self._action_counts
+        passes = float((c[:, EXECUTE] + 2 * c[:, REPEAT]).sum()) / n if self._sequences else float(self.num_layers)
+        return {
+            "num_layers": self.num_layers,
+            "sequences": self._sequences,
+            "mean_layers_executed": passes,
+            "layer_fraction": passes / self.num_layers,
+            "action_counts": c.tolist(),
+        }
+
+
+def _ensure_slot(pkv, slot: int):
+    """Give a cache one more layer slot when repeats need more slots than the model has layers."""
+    layers = getattr(pkv, "layers", None)
+    if layers is None or slot < len(layers) or getattr(pkv, "layer_class_to_replicate", None) is not None:
+        return
+    from transformers.cache_utils import DynamicLayer
+
+    try:
+        extra = type(layers[0])()
+    except TypeError:
+        extra = DynamicLayer()
+    while len(layers) <= slot:
+        layers.append(type(extra)() if type(extra) is not DynamicLayer else DynamicLayer())

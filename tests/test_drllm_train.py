@@ -89,3 +89,61 @@ def test_malformed_search_records_name_file_and_line(tmp_path):
         read_searches([p])
     with pytest.raises(ValueError, match="invalid training option"):
         TrainConfig(lr=-1)
+
+
+def test_soft_focal_loss_equals_the_hard_one_on_one_hot_targets():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 3, generator=g)
+    target = torch.randint(0, 3, (7,), generator=g)
+    w = torch.tensor([0.7, 1.0, 3.0])
+    hard = focal_loss(logits, target, w, gamma=2.0)
+    soft = focal_loss(logits, torch.nn.functional.one_hot(target, 3).float(), w, gamma=2.0)
+    assert soft.item() == pytest.approx(hard.item(), rel=1e-6)
+    # a 50/50 target is the mean of the two one-hot losses
+    half = torch.tensor([[0.5, 0.5, 0.0]])
+    both = [focal_loss(logits[:1], torch.tensor([c]), None, 2.0).item() for c in (0, 1)]
+    assert focal_loss(logits[:1], half, None, 2.0).item() == pytest.approx(sum(both) / 2, rel=1e-6)
+
+
+def test_safety_and_soft_targets_read_the_searched_plans():
+    from retrofit.methods.drllm.train import safety_targets, soft_targets
+
+    # 4 layers; skipping layer 1 or 2 keeps the answer, skipping layer 0 or 3 never does
+    evaluated = [["eeee", 0.9, True], ["esee", 0.9, True], ["eese", 0.8, True], ["esse", 0.7, True],
+                 ["seee", 0.1, False], ["eees", 0.2, False], ["sese", 0.1, False]]
+    rec = {"id": "q", "plan": ["execute", "skip", "skip", "execute"], "evaluated": evaluated,
+           "good_plans": ["eeee", "esee", "eese", "esse"]}
+    s = safety_targets(rec, 4)
+    m = 3 / 6  # rewarded share of the edited plans (the prior)
+    assert s[1, 0].item() == pytest.approx((2 + 2 * m) / (2 + 2))  # esee, esse skip layer 1: both rewarded
+    assert s[0, 0].item() == pytest.approx((0 + 2 * m) / (2 + 2))  # seee, sese: neither
+    assert s[3, 0].item() == pytest.approx((0 + 2 * m) / (1 + 2))
+    assert s[1, 0] > s[3, 0] > s[0, 0] and torch.allclose(s.sum(-1), torch.ones(4)) and (s[:, 2] == 0).all()
+    soft = soft_targets(rec, 4)
+    assert soft[:, 0].tolist() == [0.0, 0.5, 0.5, 0.0] and torch.allclose(soft.sum(-1), torch.ones(4))
+    # a record without rewarded plans is taught its own plan
+    bare = {"id": "r", "plan": ["execute"] * 4, "evaluated": [["eeee", 0.1, False]], "good_plans": []}
+    assert safety_targets(bare, 4)[:, 1].tolist() == [1.0] * 4
+    with pytest.raises(ValueError, match="target"):
+        TrainConfig(target="longest")
+    with pytest.raises(ValueError, match="unlabeled"):
+        TrainConfig(unlabeled="keep")
+
+
+def test_unlabeled_questions_are_dropped_or_taught_to_execute(tmp_path):
+    model = tiny_model("llama")
+    _fake_search_file(tmp_path / "s.jsonl", 16, 4)
+    lines = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
+    for i, r in enumerate(lines):  # half the questions have no rewarded plan
+        r["found"] = i % 4 != 0
+        if not r["found"]:
+            r["plan"] = ["skip"] * 4  # must never be taught
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    cfg = dict(epochs=1, val_fraction=0.0, warmup_steps=1)
+    drop = train_from_searches(model, _Tok(), [tmp_path / "s.jsonl"], tmp_path / "a", TrainConfig(**cfg),
+                               num_windows=4, bottleneck=8, progress=False)
+    keep = train_from_searches(model, _Tok(), [tmp_path / "s.jsonl"], tmp_path / "b",
+                               TrainConfig(unlabeled="execute", **cfg), num_windows=4, bottleneck=8, progress=False)
+    assert drop["examples"] == 12 and keep["examples"] == 16
+    assert keep["label_counts"]["execute"] == drop["label_counts"]["execute"] + 4 * 4
+    assert drop["label_counts"]["skip"] == keep["label_counts"]["skip"]

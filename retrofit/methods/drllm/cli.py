@@ -24,7 +24,8 @@ def register(app: typer.Typer) -> None:
         bottleneck: int = typer.Option(128, help="router MLP width"),
         seed: int = typer.Option(0),
         target: str = typer.Option(TrainConfig.target, help="'shortest': the search's shortest rewarded plan (the "
-                                   "paper); 'soft': per layer, the share of the search's rewarded plans per action"),
+                                   "paper); 'soft': per layer, the share of the search's rewarded plans per action; "
+                                   "'safety': per layer, how often the search's plans that skip it were rewarded"),
         unlabeled: str = typer.Option(TrainConfig.unlabeled, help="questions with no rewarded plan: 'drop' (the "
                                       "paper) or 'execute' (taught the all-execute plan)"),
         device: str = typer.Option("cpu", help="where features are collected and routers trained (cpu, cuda)"),

@@ -23,6 +23,9 @@ from retrofit.core.data import read_searches  # noqa: F401  (public here too)
 from retrofit.core.plans import ACTIONS
 
 
+TARGETS = ("shortest", "soft", "safety")
+
+
 @dataclass
 class TrainConfig:
     lr: float = 1e-3
@@ -38,15 +41,16 @@ class TrainConfig:
     only_correct: bool = True  # drop examples whose search found no correct plan (as the paper does)
     # "shortest": the label is the search's shortest rewarded plan (the paper). "soft": each layer's target is the
     # share of the search's rewarded plans taking each action (records of `retrofit search` keep them all), so a
-    # layer that only one of several good plans skips is not taught as "skip".
+    # layer that only one of several good plans skips is not taught as "skip". "safety": each layer's skip target
+    # is how often the search's plans that skip it were rewarded (see `safety_targets`).
     target: str = "shortest"
     # questions whose search found no rewarded plan: "drop" (the paper) or "execute" (taught the all-execute plan,
     # so the routers also see the questions on which skipping fails)
     unlabeled: str = "drop"
 
     def __post_init__(self):
-        if self.target not in ("shortest", "soft"):
-            raise ValueError(f"target={self.target!r}: use 'shortest' (the paper) or 'soft'")
+        if self.target not in TARGETS:
+            raise ValueError(f"target={self.target!r}: use one of {TARGETS} ('shortest' is the paper's)")
         if self.unlabeled not in ("drop", "execute"):
             raise ValueError(f"unlabeled={self.unlabeled!r}: use 'drop' (the paper) or 'execute'")
         checks = {
@@ -86,6 +90,31 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor 
     if weight is not None:
         loss = loss * weight.to(loss.device)[target]
     return loss.mean()
+
+
+def safety_targets(record: dict, L: int, strength: float = 2.0) -> torch.Tensor:
+    """[L, 3] targets (skip, execute, repeat) = (s_l, 1 - s_l, 0), where s_l estimates how safe skipping layer l is
+    for this question: the share of the search's evaluated plans that skip l and are rewarded (a rewarded plan is
+    one of ``good_plans``), shrunk toward the question's overall share of rewarded edited plans with the weight of
+    ``strength`` plans. The shortest plan (the paper's label) says which layers one lucky plan skipped; this says,
+    for every layer, how often skipping it kept the answer. A record without an ``evaluated`` list (or with no
+    rewarded plan) is taught its own plan."""
+    ev = record.get("evaluated") or []
+    good = set(record.get("good_plans") or [])
+    base = "e" * L
+    edited = [p for p, *_ in ev if p != base]
+    if not good or not edited:
+        idx = torch.tensor([ACTIONS.index(a) for a in record["plan"]])
+        return torch.nn.functional.one_hot(idx, 3).float()
+    if any(len(p) != L for p in edited):
+        raise ValueError(f"record {record.get('id')!r}: evaluated plans do not have {L} layers")
+    m = sum(p in good for p in edited) / len(edited)
+    out = torch.zeros(L, 3)
+    for i in range(L):
+        tried = [p for p in edited if p[i] == "s"]
+        s_i = (sum(p in good for p in tried) + strength * m) / (len(tried) + strength)
+        out[i, 0], out[i, 1] = s_i, 1 - s_i
+    return out
 
 
 def soft_targets(record: dict, L: int) -> torch.Tensor:
@@ -234,8 +263,9 @@ def train_from_searches(model, tokenizer, search_files, out_dir, cfg: TrainConfi
         feats, valid, labels = collect(handle, tokenizer, kept, progress)
         if labels.shape[1] != handle.num_layers:
             raise ValueError(f"the searched plans have {labels.shape[1]} layers, the model {handle.num_layers}")
-        if cfg.target == "soft":
-            labels = torch.stack([soft_targets(r, handle.num_layers) for r in kept]).to(labels.device)
+        if cfg.target != "shortest":
+            fn = soft_targets if cfg.target == "soft" else safety_targets
+            labels = torch.stack([fn(r, handle.num_layers) for r in kept]).to(labels.device)
         report = train_routers(handle, feats, valid, labels, cfg, progress)
         report["search_files"] = [str(p) for p in search_files]
         report["records_read"] = len(records)

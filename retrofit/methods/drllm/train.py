@@ -260,7 +260,10 @@ def train_from_searches(model, tokenizer, search_files, out_dir, cfg: TrainConfi
     before = fingerprint(model)
     handle = retrofit.attach(model, "drllm", num_windows=num_windows, bottleneck=bottleneck)
     try:
-        feats, valid, labels = collect(handle, tokenizer, kept, progress)
+        # teacher forcing: the blocks run by the label plan (the paper); safety targets are per-layer marginals over
+        # many plans, not one plan's decisions, so their features are read under the all-execute plan
+        forced = kept if cfg.target != "safety" else [{**r, "plan": ["execute"] * len(r["plan"])} for r in kept]
+        feats, valid, labels = collect(handle, tokenizer, forced, progress)
         if labels.shape[1] != handle.num_layers:
             raise ValueError(f"the searched plans have {labels.shape[1]} layers, the model {handle.num_layers}")
         if cfg.target != "shortest":

@@ -112,11 +112,13 @@ def register(app: typer.Typer) -> None:
         for p in plot_runs(loaded, out, metric):
             typer.echo(f"wrote {p}")
 
+    from retrofit.eval.static_prune import StaticPruneConfig as _SP  # the defaults, defined once
+
     @app.command("static-prune")
-    def static_prune(k: int = typer.Option(5, help="layers to drop"),
+    def static_prune(k: int = typer.Option(_SP.k, help="layers to drop"),
                      model: str = typer.Option("default"),
-                     calib: str = typer.Option("arc_easy_train", help="arc_easy_train or shakespeare"),
-                     num_samples: int = typer.Option(128),
+                     calib: str = typer.Option(_SP.calib, help="arc_easy_train or shakespeare"),
+                     num_samples: int = typer.Option(_SP.num_samples),
                      out: Path = typer.Option(Path("runs/static_prune_k5.json"), help="plan JSON to write"),
                      data: Optional[Path] = typer.Option(None),
                      threads: Optional[int] = typer.Option(None, help="torch CPU threads")):

@@ -64,9 +64,11 @@ MUTATIONS = [
      "retrofit/kernels/misa.py",
      "head_idx = route_heads(E, active_heads)", "head_idx = route_heads(E, active_heads - 1)",
      "tests/test_gaps_misa.py"),
-    ("5", "the last MoE gate's weight left out of the fingerprint",
+    ("5", "the MoE gates' weights left out of the fingerprint",
      "retrofit/artifacts.py",
-     "        tensors.append(next(gates[max(gates)].parameters()))", "        pass",
+     "(layer_digests[owner[id(p)]] if id(p) in owner else other).append(tensor_digest(p))",
+     "(layer_digests[owner[id(p)]] if id(p) in owner else other).append(\"\" if name.endswith(\"gate.weight\") "
+     "else tensor_digest(p))",
      "tests/test_gaps_moe.py"),
     ("6", "stats() counts a repeat as one block pass",
      "retrofit/methods/drllm/runtime.py",

@@ -28,6 +28,11 @@ def attach(model, method: str, routers: str | Path | None = None, **config):
     if routers is not None:
         meta, tensors = load_artifact(routers, model=model, method=method)
         base_cfg = meta["config"]
+        try:  # the saved config alone must be valid: a bad one is a damaged artifact, not a user mistake
+            build_config(method_cls.config_cls, {}, base=base_cfg)
+        except (TypeError, ValueError) as e:
+            raise ArtifactError(f"{routers}: the saved {method!r} config is invalid ({e}); the artifact is "
+                                "corrupt or from another retrofit: save it again.") from None
     cfg = build_config(method_cls.config_cls, config, base=base_cfg)
     handle = method_cls(model, cfg, adapter)
     return handle.attach(tensors, meta)
@@ -38,4 +43,10 @@ def load(model, path: str | Path, **config):
     from retrofit.artifacts import read_meta
 
     meta = read_meta(path)
+    try:
+        get_method(meta["method"])
+    except KeyError:
+        raise ArtifactError(f"{path}: method {meta['method']!r} is not a retrofit method (available: "
+                            f"{', '.join(available_methods())}); the artifact is corrupt or from another tool."
+                            ) from None
     return attach(model, meta["method"], routers=path, **config)

@@ -115,11 +115,14 @@ def test_controller_refusals(tmp_path):
 
 
 def test_served_weights_fingerprint_is_checked(tmp_path):
-    """The plugin hashes the weights vLLM loads (HF names) like retrofit.artifacts.fingerprint does."""
+    """The plugin digests every weight vLLM loads (HF checkpoint names) into the same fingerprint as
+    retrofit.artifacts.fingerprint: the same weights (also in bfloat16, also with a tied LM head saved twice)
+    pass; one changed middle tensor or a missing layer is refused."""
     pytest.importorskip("vllm")
-    from retrofit.artifacts import ArtifactError
+    import torch
+
+    from retrofit.artifacts import ArtifactError, tensor_digest
     from retrofit.serve.vllm_model import RetrofitController
-    from retrofit.testing import tiny_model
 
     model = _artifacts(tmp_path)
     hf = model.config
@@ -128,14 +131,16 @@ def test_served_weights_fingerprint_is_checked(tmp_path):
     vcfg.model_config.hf_config = hf
     sd = model.state_dict()
     ctl = RetrofitController(vcfg, 4, hf.hidden_size)
-    names = ctl.fingerprint_names
-    assert names[2] == "model.layers.3.self_attn.q_proj.weight" and all(n in sd for n in names)
-    ctl.fingerprint_tensors = {n: sd[n] for n in names}
+    ctl.fingerprint_digests = {n: tensor_digest(t) for n, t in sd.items()}
     ctl.check_fingerprints(hf, "LlamaForCausalLM")  # the same weights: accepted
-    other = tiny_model("llama", seed=1, num_hidden_layers=4).state_dict()
-    ctl.fingerprint_tensors = {n: other[n] for n in names}
-    with pytest.raises(ArtifactError, match="made for another base model"):
+    ctl.fingerprint_digests = {n: tensor_digest(t.to(torch.bfloat16)) for n, t in sd.items()}
+    ctl.fingerprint_digests["model.layers.0.self_attn.rotary_emb.inv_freq"] = "x"  # a buffer: ignored
+    ctl.check_fingerprints(hf, "LlamaForCausalLM")  # bfloat16 copies of them: accepted
+    changed = dict(sd)
+    changed["model.layers.2.mlp.down_proj.weight"] = sd["model.layers.2.mlp.down_proj.weight"] * 1.01
+    ctl.fingerprint_digests = {n: tensor_digest(t) for n, t in changed.items()}
+    with pytest.raises(ArtifactError, match="made for another base model.*decoder layer 2"):
         ctl.check_fingerprints(hf, "LlamaForCausalLM")
-    ctl.fingerprint_tensors = {n: sd[n] for n in names[:2]}
+    ctl.fingerprint_digests = {n: tensor_digest(t) for n, t in sd.items() if ".layers.3." not in n}
     with pytest.raises(ArtifactError, match="cannot be checked"):
         ctl.check_fingerprints(hf, "LlamaForCausalLM")

@@ -153,6 +153,8 @@ class Method(abc.ABC):
             raise
         self.attached = True
         self.model._retrofit_handles.append(self)
+        if hasattr(self.config, "_ready"):  # a ValidatedConfig: later changes are checked against this model too
+            self.config._on_change = self._check_config_change
         return self
 
     def detach(self) -> nn.Module:
@@ -160,6 +162,7 @@ class Method(abc.ABC):
         if not self.attached:
             return self.model
         self._detach()
+        self.config.__dict__.pop("_on_change", None)
         for n, p in self.model.named_parameters():
             p.requires_grad_(self._grad_flags.get(n, p.requires_grad))
         self.model._retrofit_handles.remove(self)
@@ -183,6 +186,10 @@ class Method(abc.ABC):
     def _detach(self) -> None:
         """Remove everything :meth:`_attach` installed. Also called after a failed :meth:`_attach`, so it must
         cope with a partial attach (or raise: the model snapshot restores the model anyway)."""
+
+    def _check_config_change(self, new) -> None:
+        """Called with the changed config before ``handle.config.<option> = value`` takes effect while attached
+        (the config has checked its own values already); raise ``ValueError`` when it does not fit the model."""
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The tensors :meth:`save` writes (none for training-free methods)."""

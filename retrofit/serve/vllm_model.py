@@ -30,7 +30,8 @@ from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
-from retrofit.artifacts import ArtifactError, compare_fingerprint, fingerprint_of, load_artifact
+from retrofit.artifacts import (ArtifactError, compare_fingerprint, fingerprint_of, fingerprinted, load_artifact,
+                                tensor_digest)
 from retrofit.core.plans import EXECUTE, REPEAT, SKIP, plan_codes
 from retrofit.methods import get_method
 from retrofit.methods.drllm import DrLLMConfig, RouterBank, window_matrix, window_weights
@@ -144,30 +145,22 @@ class RetrofitController:
         self.layers_run = 0  # decoder-layer passes actually executed (for benchmarks)
         self.steps = 0
         self.plans_decided = 0
-        self.fingerprint_tensors: dict[str, torch.Tensor] = {}
+        # {HF checkpoint name: retrofit.artifacts.tensor_digest} of every loaded weight, for the fingerprint
+        self.fingerprint_digests: dict[str, str] = {}
 
     # ------------------------------------------------------------ fingerprint
-    @property
-    def fingerprint_names(self) -> list[str]:
-        """HF names of the weights retrofit.artifacts.fingerprint hashes (embedding, first / last q_proj)."""
-        return ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight",
-                f"model.layers.{self.num_layers - 1}.self_attn.q_proj.weight"]
-
     def check_fingerprints(self, hf_config, architecture: str):
-        names = self.fingerprint_names
-        missing = [n for n in names if n not in self.fingerprint_tensors]
         if not self.served:
-            self.fingerprint_tensors.clear()
+            self.fingerprint_digests.clear()
             return
-        if missing:  # never serve an artifact unchecked
-            raise ArtifactError(f"retrofit: the served weights lack {missing}, so the artifacts' base-model "
-                                "fingerprint cannot be checked; serve this model without retrofit artifacts")
-        emb, first, last = (self.fingerprint_tensors[n] for n in names)
-        t = [emb[:64], first, last]
-        actual = fingerprint_of(architecture, hf_config, self.num_layers, t)
+        try:
+            actual = fingerprint_of(architecture, hf_config, self.num_layers, self.fingerprint_digests)
+        except ArtifactError as e:  # never serve an artifact unchecked
+            raise ArtifactError(f"retrofit: {e}, so the artifacts' base-model fingerprint cannot be checked; "
+                                "serve this model without retrofit artifacts") from None
         for s in self.served.values():
             compare_fingerprint(s.meta["base_model"], actual, s.path)
-        self.fingerprint_tensors.clear()
+        self.fingerprint_digests.clear()
 
     # ------------------------------------------------------------ per step
     def _choice(self, row) -> RequestChoice:
@@ -364,12 +357,11 @@ class _RetrofitMixin:
 
     def load_weights(self, weights):
         ctl = self.retrofit
-        want = set(ctl.fingerprint_names)
 
         def tap(it):
             for name, t in it:
-                if name in want:
-                    ctl.fingerprint_tensors[name] = t.detach().to("cpu", copy=True)
+                if ctl.served and fingerprinted(name):
+                    ctl.fingerprint_digests[name] = tensor_digest(t)
                 yield name, t
 
         out = super().load_weights(tap(weights))

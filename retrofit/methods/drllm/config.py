@@ -2,13 +2,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from retrofit.core.config import ValidatedConfig
 from retrofit.core.plans import ACTIONS, EXECUTE, REPEAT, SKIP, validate_plan
 
 __all__ = ["DrLLMConfig", "ACTIONS", "SKIP", "EXECUTE", "REPEAT", "validate_plan"]
 
 
 @dataclass
-class DrLLMConfig:
+class DrLLMConfig(ValidatedConfig):
     """Dr.LLM routers: one skip/execute/repeat decision per decoder layer and sequence, made at prefill.
 
     num_windows: prompt split into this many windows for mean pooling (paper: 8; more helps up to 16-32).

@@ -70,6 +70,12 @@ class DrLLM(Method):
         if cfg.plan is not None:
             validate_plan(cfg.plan, self.num_layers, cfg.allow_repeat)
         if tensors:
+            ints = [f"{k} ({t.dtype})" for k, t in tensors.items() if not t.is_floating_point()]
+            if ints:
+                from retrofit.artifacts import ArtifactError
+
+                raise ArtifactError(f"router tensors must be floating point, but {', '.join(ints[:3])} are not: "
+                                    "the artifact is corrupt; retrain or save it again")
             bank = RouterBank(self.num_layers, self.hidden_size, cfg.bottleneck)
             try:
                 bank.load_state_dict(tensors, strict=True)
@@ -100,6 +106,13 @@ class DrLLM(Method):
                 m.layer_idx = j
         self._slot_modules.clear()
         self._orig_idx.clear()
+
+    def _check_config_change(self, new: DrLLMConfig) -> None:
+        if new.plan is not None:
+            validate_plan(new.plan, self.num_layers, new.allow_repeat)
+        if self.routers is not None and new.bottleneck != self.routers[0].fc1.out_features:
+            raise ValueError(f"bottleneck is {self.routers[0].fc1.out_features}, fixed by the attached routers; "
+                             "attach routers of another width instead")
 
     def state_tensors(self):
         return {} if self.routers is None else dict(self.routers.state_dict())
@@ -196,6 +209,12 @@ class DrLLM(Method):
             st.capture.append((means, valid))
         if not st.deciding:
             return
+        if not bool(torch.isfinite(means).all()):  # a NaN router input would read as "skip" (argmax of NaNs)
+            rows = (~torch.isfinite(means)).flatten(1).any(1).nonzero().flatten().tolist()
+            raise FloatingPointError(
+                f"Dr.LLM: the hidden states entering decoder layer {i} hold NaN or inf (batch rows {rows}), so its "
+                "router cannot decide; the base model overflowed or its weights / inputs are corrupt (float16 "
+                "overflows easily: load the model in bfloat16 or float32)")
         if torch.is_grad_enabled():
             with torch.no_grad():
                 acts = self.routers[i].decide(means, weights, bias)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from retrofit.core.config import ValidatedConfig
+
 __all__ = ["MisaConfig"]
 
 _KERNELS = ("auto", "reference", "torch", "triton")
 
 
 @dataclass
-class MisaConfig:
+class MisaConfig(ValidatedConfig):
     """MISA options (validated).
 
     active_heads: indexer heads kept per query (h); ``>= n_heads`` gives the dense indexer exactly.

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from retrofit.core.config import ValidatedConfig
+
 __all__ = ["RerouteConfig"]
 
 _ORDERS = ("least_confident", "most_confident")
@@ -13,7 +15,7 @@ _KV = ("keep", "recompute")
 
 
 @dataclass
-class RerouteConfig:
+class RerouteConfig(ValidatedConfig):
     """Rerouting options (validated).
 
     steps: optimiser steps per adaptation (5; 0 = never change the routing: identical to the base model).

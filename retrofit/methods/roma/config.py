@@ -5,11 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from retrofit.core.config import ValidatedConfig
+
 __all__ = ["RomaConfig"]
 
 
 @dataclass
-class RomaConfig:
+class RomaConfig(ValidatedConfig):
     """RoMA options (validated). Training options are stored in the artifact too, for provenance.
 
     num_layers: the last ``num_layers`` MoE layers get trainable gates and make up the routing vector r (5).

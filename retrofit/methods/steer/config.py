@@ -5,13 +5,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from retrofit.core.config import ValidatedConfig
+
 __all__ = ["SteerConfig"]
 
 _MODES = ("soft", "hard")
 
 
 @dataclass
-class SteerConfig:
+class SteerConfig(ValidatedConfig):
     """Steering options (validated).
 
     mode: 'soft' (z_e += lam * std(z)) or 'hard' (z_e = max(z) + eps) for the task experts.

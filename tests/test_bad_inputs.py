@@ -1,0 +1,223 @@
+"""Issue 14, artifacts and attach: errors never look like answers (tiny random models built here).
+
+* the fingerprint identifies the weights whatever their dtype (float32 = bfloat16 load) and sees every tensor
+  (a middle MLP, the LM head), and says what differs; format-1 artifacts are refused with the upgrade named;
+* a damaged ``retrofit.json`` / tensor file is an ArtifactError saying what is wrong, never a TypeError;
+* config values not of their type are refused for every method's config; changing ``h.config`` after attach
+  is validated (the benchmark's ``handle.config.skip_bias = float(x)`` keeps working);
+* non-finite hidden states entering a routed layer stop Dr.LLM with the layer named instead of reading as "skip".
+"""
+
+import copy
+import dataclasses
+import json
+import typing
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import retrofit
+from retrofit.artifacts import CONFIG_NAME, TENSORS_NAME, ArtifactError, fingerprint
+from retrofit.testing import tiny_model
+
+
+def _saved(tmp_path, family="llama", **kw):
+    model = tiny_model(family, **kw)
+    h = retrofit.attach(model, "drllm", bottleneck=8)
+    h.init_routers(seed=0)
+    h.save(tmp_path / "r")
+    h.detach()
+    return model, tmp_path / "r"
+
+
+# ---------------------------------------------------------------------------------------------- fingerprint
+def test_fingerprint_same_weights_in_bfloat16_match(tmp_path):
+    model, path = _saved(tmp_path)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    assert fingerprint(bf16) == fingerprint(model)
+    h = retrofit.load(bf16, path)  # the same SmolLM2-like weights in bf16 are the same base model
+    with torch.no_grad():
+        bf16(torch.randint(3, 128, (2, 9)))
+    assert h.stats()["sequences"] == 2
+    h.detach()
+
+
+@pytest.mark.parametrize("where", ["mlp", "head", "norm"])
+def test_fingerprint_sees_a_changed_middle_mlp_head_or_norm(tmp_path, where):
+    model, path = _saved(tmp_path)
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        if where == "mlp":
+            other.model.layers[2].mlp.down_proj.weight.mul_(1.05)
+        elif where == "head":
+            other.lm_head.weight.add_(torch.randn_like(other.lm_head.weight) * 0.01)
+        else:
+            other.model.norm.weight.add_(0.1)
+    assert fingerprint(other)["weights_sha256"] != fingerprint(model)["weights_sha256"]
+    what = "decoder layer 2" if where == "mlp" else "the embedding / final norm / LM head"
+    with pytest.raises(ArtifactError, match=f"another base model.*weights differ in {what}"):
+        retrofit.load(other, path)
+
+
+def test_fingerprint_from_checkpoint_names_equals_the_models_also_when_tied():
+    """What the vLLM plugin computes from the checkpoint tensors it loads (every HF name, a tied LM head
+    possibly saved twice, rotary buffers) equals fingerprint(model)."""
+    from retrofit.artifacts import fingerprint_of, tensor_digest
+
+    for tied in (False, True):
+        model = tiny_model("qwen2", tie_word_embeddings=tied)
+        sd = dict(model.state_dict())
+        sd["lm_head.weight"] = model.lm_head.weight  # present in the checkpoint even when tied
+        sd["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+        digests = {n: tensor_digest(t.to(torch.bfloat16)) for n, t in sd.items()}
+        assert fingerprint_of(type(model).__name__, model.config, 4, digests) == fingerprint(model)
+
+
+def test_old_format_artifact_is_refused_with_the_upgrade_named(tmp_path):
+    from retrofit.artifacts import _fingerprint_v1, upgrade_artifact
+
+    model, path = _saved(tmp_path)
+    meta = json.loads((path / CONFIG_NAME).read_text())
+    meta.update(format_version=1, base_model=_fingerprint_v1(model))
+    meta.pop("tensors")
+    (path / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError, match=r"older retrofit.*upgrade_artifact"):
+        retrofit.load(model, path)
+    with pytest.raises(ArtifactError, match="another base model"):
+        upgrade_artifact(path, tiny_model("llama", seed=3))
+    upgrade_artifact(path, model)
+    assert json.loads((path / CONFIG_NAME).read_text())["format_version"] == 2
+    retrofit.load(model, path).detach()
+
+
+# ---------------------------------------------------------------------------------------------- damaged files
+def _edit_meta(path, fn):
+    meta = json.loads((path / CONFIG_NAME).read_text())
+    meta = fn(meta)
+    (path / CONFIG_NAME).write_text(json.dumps(meta))
+
+
+DAMAGED_META = {
+    "method foo": (lambda m: {**m, "method": "foo"}, "not a retrofit method"),
+    "method null": (lambda m: {**m, "method": None}, "method must be"),
+    "a list": (lambda m: [m], "must be a JSON object, not a list"),
+    "format_version '1'": (lambda m: {**m, "format_version": "1"}, "format_version must be a positive integer"),
+    "base_model null": (lambda m: {**m, "base_model": None}, "base_model must be"),
+    "base_model list": (lambda m: {**m, "base_model": []}, "base_model must be"),
+    "num_layers str": (lambda m: {**m, "base_model": {**m["base_model"], "num_layers": "4"}},
+                       "base_model.num_layers must be an integer"),
+    "config null": (lambda m: {**m, "config": None}, "config must be an object"),
+    "config bad value": (lambda m: {**m, "config": {**m["config"], "num_windows": True}}, "config is invalid"),
+    "config unknown key": (lambda m: {**m, "config": {**m["config"], "windows": 3}}, "config is invalid"),
+    "extra list": (lambda m: {**m, "extra": []}, "extra must be an object"),
+    "no tensors manifest": (lambda m: {k: v for k, v in m.items() if k != "tensors"}, "tensors must be"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_META))
+def test_damaged_meta_is_an_artifact_error_saying_what_is_wrong(tmp_path, case):
+    model, path = _saved(tmp_path)
+    fn, msg = DAMAGED_META[case]
+    _edit_meta(path, fn)
+    with pytest.raises(ArtifactError, match=msg):
+        retrofit.load(model, path)
+
+
+def test_empty_or_foreign_tensor_files_and_int_routers_are_refused(tmp_path):
+    model, path = _saved(tmp_path)
+    good = load_file(str(path / TENSORS_NAME))
+    save_file({}, str(path / TENSORS_NAME))  # a valid safetensors file with no tensors
+    with pytest.raises(ArtifactError, match="does not hold the tensors.*missing"):
+        retrofit.load(model, path)
+    (path / TENSORS_NAME).write_bytes(b"")  # an empty file
+    with pytest.raises(ArtifactError, match="could not be read"):
+        retrofit.load(model, path)
+    ints = {k: v.round().to(torch.int64) for k, v in good.items()}
+    save_file(ints, str(path / TENSORS_NAME))
+    with pytest.raises(ArtifactError, match="another shape/dtype"):
+        retrofit.load(model, path)
+    _edit_meta(path, lambda m: {**m, "tensors": {k: {**s, "dtype": "int64"} for k, s in m["tensors"].items()}})
+    with pytest.raises(ArtifactError, match="must be floating point"):  # even when the manifest agrees
+        retrofit.load(model, path)
+    assert all(p.requires_grad is True or p.requires_grad is False for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- configs
+def _config_classes():
+    from retrofit.methods import available_methods, get_method
+
+    return [get_method(k).config_cls for k in available_methods()]
+
+
+_WRONG = {bool: ["no", 1, None], int: [True, 2.0, "3", None], float: ["0.5", False, None], str: [1, None, True]}
+
+
+def _wrong_values():
+    out = []
+    for cls in _config_classes():
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            optional = typing.get_origin(tp) is not None and type(None) in typing.get_args(tp)
+            base = next((a for a in typing.get_args(tp) if a is not type(None)), tp) if optional else tp
+            for v in _WRONG.get(base, []):
+                if not (optional and v is None):
+                    out.append(pytest.param(cls, f.name, v, id=f"{cls.__name__}.{f.name}={v!r}"))
+    return out
+
+
+@pytest.mark.parametrize("cls,name,value", _wrong_values())
+def test_config_values_not_of_their_type_are_refused(cls, name, value):
+    with pytest.raises(ValueError, match=name):
+        cls(**{name: value})
+    cfg = cls()
+    before = dataclasses.asdict(cfg)
+    with pytest.raises(ValueError, match=name):
+        setattr(cfg, name, value)
+    assert dataclasses.asdict(cfg) == before
+
+
+def test_changing_the_config_after_attach_is_validated():
+    model = tiny_model("llama")
+    h = retrofit.attach(model, "drllm", bottleneck=8)
+    h.init_routers(seed=0)
+    ids = torch.randint(3, 128, (2, 9))
+    for bad, msg in ((("skip_bias", float("nan")), "finite"), (("plan", ["skip"] * 3), "3 entries|4"),
+                     (("plan", ["jump"] * 4), "unknown plan actions"), (("num_windows", True), "integer"),
+                     (("bottleneck", 16), "fixed by the attached routers"), (("skip_bais", 1.0), "no option")):
+        with pytest.raises((ValueError, AttributeError), match=msg):
+            setattr(h.config, *bad)
+    assert h.config.skip_bias == 0.0 and h.config.plan is None
+    h.config.skip_bias = float(1e4)  # what the benchmarks do: a valid change takes effect at the next prefill
+    with torch.no_grad():
+        model(ids)
+    assert h.last_plans == [["skip"] * 4] * 2
+    h.config.skip_bias = 0.0
+    h.config.plan = ["execute", "skip", "execute", "execute"]
+    with torch.no_grad():
+        model(ids)
+    assert h.last_plans[0] == ["execute", "skip", "execute", "execute"]
+    h.detach()
+    h.config.plan = ["execute"] * 7  # detached: no model to check the length against; the values still are
+    with pytest.raises(ValueError):
+        h.config.skip_bias = float("inf")
+    assert copy.deepcopy(h.config) == h.config
+
+
+# ---------------------------------------------------------------------------------------------- NaN
+def test_nan_hidden_states_stop_the_routers_naming_the_layer():
+    model = tiny_model("llama")
+    h = retrofit.attach(model, "drllm", bottleneck=8, skip_bias=-1e4, repeat_bias=-1e4)  # routers execute all
+    h.init_routers(seed=0)
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        model(ids)
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+        with pytest.raises(FloatingPointError, match="entering decoder layer 2 hold NaN or inf"):
+            model(ids)
+    assert h.stats()["sequences"] == 2  # the failed request is not counted as a saving
+    h.set_plan(["execute"] * 4)  # no router decides: the plan runs as given (no check, no cost)
+    with torch.no_grad():
+        assert torch.isnan(model(ids).logits).all()
+    h.detach()

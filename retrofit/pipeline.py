@@ -104,4 +104,9 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option("default", help="'default' (SmolLM2-135M-Instruct) or a local folder"),
     ):
         """Search -> train -> evaluate Dr.LLM routers on the default model and a slice of ARC-Easy (minutes)."""
-        run_pipeline(workdir, train_examples, test_examples, simulations, seed, model_name=model)
+        from retrofit.eval.runner import RunExistsError
+
+        try:
+            run_pipeline(workdir, train_examples, test_examples, simulations, seed, model_name=model)
+        except RunExistsError as e:  # an earlier run's results with other settings: never replaced silently
+            raise typer.BadParameter(f"{e} (or use another --workdir)") from None

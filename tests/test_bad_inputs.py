@@ -11,6 +11,7 @@
 import copy
 import dataclasses
 import json
+import re
 import typing
 
 import pytest
@@ -221,3 +222,128 @@ def test_nan_hidden_states_stop_the_routers_naming_the_layer():
     with torch.no_grad():
         assert torch.isnan(model(ids).logits).all()
     h.detach()
+
+
+# ---------------------------------------------------------------------------------------------- evaluation
+# (no model is loaded or run here: every check below happens before lm-eval starts)
+class _MustNotRun:
+    def __getattr__(self, name):
+        raise AssertionError(f"the model was used ({name})")
+
+
+def _arc_easy(folder, validation_lines):
+    good = {"id": "q1", "question": "Which is a gas?", "choices": {"text": ["air", "rock"], "label": ["A", "B"]},
+            "answerKey": "A"}
+    (folder / "arc_easy").mkdir(parents=True)
+    for split in ("train", "test"):
+        (folder / "arc_easy" / f"{split}.jsonl").write_text(json.dumps(good) + "\n")
+    (folder / "arc_easy" / "validation.jsonl").write_text("".join(x + "\n" for x in validation_lines))
+    return json.dumps(good)
+
+
+def _cli(args, env=None):
+    """Run the CLI; ``.output`` with rich's error box and line wrapping removed (``.raw`` keeps them)."""
+    from typer.testing import CliRunner
+
+    from retrofit.cli import app
+
+    res = CliRunner().invoke(app, args, env={"COLUMNS": "250", **(env or {})}, terminal_width=250)
+    return type("Res", (), {"exit_code": res.exit_code, "exception": res.exception, "raw": res.output,
+                            "output": re.sub(r"[│╭╮╰╯─]|\s+", " ", res.output)})
+
+
+def test_eval_default_run_names_carry_routers_limit_and_model():
+    from retrofit.eval.runner import _default_name
+
+    names = {_default_name("drllm", {}, routers=r, limit=lim, model=m)
+             for r in (None, "routers/a", "x/b") for lim in (None, 20, 40) for m in ("default", "/m/other")}
+    assert len(names) == 18
+    plans = {_default_name("drllm", {"plan": p}) for p in (["skip", "execute"], ["execute", "skip"])}
+    assert len(plans) == 2
+
+
+def test_eval_refuses_to_overwrite_another_run(tmp_path, shared_data):
+    from retrofit.eval.runner import RunExistsError, evaluate
+
+    old = {"run": "mine", "model": "default", "method": "drllm", "routers": "routers/a", "config": {}, "limit": 20,
+           "tasks": {"retrofit_arc_easy_val": {"acc": 0.5}}}
+    path = tmp_path / "mine.json"
+    path.write_text(json.dumps(old))
+    for changed in ({"routers": "routers/b", "limit": 20}, {"routers": "routers/a", "limit": 40}):
+        with pytest.raises(RunExistsError, match=r"another run \(.*--overwrite"):
+            evaluate("arc_easy_val", method="drllm", out=tmp_path, name="mine", lm=_MustNotRun(), progress=False,
+                     data=shared_data, **changed)
+    assert json.loads(path.read_text()) == old  # nothing lost
+    same = evaluate("arc_easy_val", method="drllm", routers="routers/a", limit=20, out=tmp_path, name="mine",
+                    lm=_MustNotRun(), progress=False, data=shared_data)
+    assert same["tasks"] == old["tasks"]  # the same run: resumed, not re-run
+    res = _cli(["eval", "--tasks", "arc_easy_val", "--method", "drllm", "--routers", "routers/b", "--limit", "20",
+                "--name", "mine", "--out", str(tmp_path), "--data", str(shared_data), "--no-plot"])
+    assert res.exit_code == 2 and "--overwrite" in res.output and "Traceback" not in res.raw, res.raw
+    assert json.loads(path.read_text()) == old
+
+
+@pytest.mark.parametrize("bad,where", [
+    ('{"id": "q2", "question": "x"', "validation.jsonl:2: not valid JSON"),
+    ('{"id": "q2", "choices": {"text": ["a", "b"], "label": ["A", "B"]}, "answerKey": "A"}',
+     "validation.jsonl:2: missing field 'question'"),
+    ('[1, 2]', "validation.jsonl:2: expected a JSON object"),
+    (None, "validation.jsonl: no examples"),
+])
+def test_eval_malformed_split_files_name_file_and_line(tmp_path, bad, where):
+    from retrofit.core.data import TaskDataError
+    from retrofit.eval.runner import evaluate
+
+    data = tmp_path / "data"
+    good = _arc_easy(data, [] if bad is None else ["", bad])
+    if bad is not None:
+        (data / "arc_easy" / "validation.jsonl").write_text(good + "\n" + bad + "\n")
+    with pytest.raises(TaskDataError, match=where.replace("(", r"\(")):
+        evaluate("arc_easy_val", data=data, lm=_MustNotRun(), progress=False)
+    res = _cli(["eval", "--tasks", "arc_easy_val", "--data", str(data), "--out", str(tmp_path / "o"), "--no-plot"])
+    assert res.exit_code == 2 and where.split(":")[0] in res.output and "Traceback" not in res.output, res.output
+
+
+def test_eval_missing_data_folder_is_one_line(tmp_path):
+    res = _cli(["eval", "--tasks", "arc_easy", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"),
+                "--no-plot"])
+    assert res.exit_code == 2 and "data folder not found" in res.output, res.output
+
+
+def test_lm_eval_defaults_to_the_device_that_exists(monkeypatch):
+    import sys
+
+    import lm_eval.__main__
+
+    seen = {}
+    monkeypatch.setattr(lm_eval.__main__, "cli_evaluate", lambda: seen.setdefault("argv", list(sys.argv)))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    res = _cli(["lm-eval", "run", "--model", "retrofit", "--tasks", "retrofit_arc_easy", "--limit", "2"])
+    assert res.exit_code == 0, res.output
+    argv = seen["argv"]
+    want = "cuda" if torch.cuda.is_available() else "cpu"
+    assert argv[argv.index("--device") + 1] == want and "--include_path" in argv
+    if not torch.cuda.is_available():
+        res = _cli(["lm-eval", "run", "--model", "retrofit", "--tasks", "retrofit_arc_easy", "--device", "cuda"])
+        assert res.exit_code == 2 and "no CUDA device" in res.output, res.output
+
+
+def test_lm_eval_table_gets_the_layers_executed():
+    from retrofit.eval.cli import add_compute_metrics
+
+    class LM:
+        def compute_metrics(self, task):
+            n = 3 if task == "retrofit_arc_easy" else 0
+            return {"prompts": n, "mean_layers_executed": 24.5, "layer_fraction": 24.5 / 30, "num_layers": 30}
+
+    res = {"results": {"retrofit_arc_easy": {"acc,none": 0.5}, "other": {"acc,none": 0.1}}}
+    add_compute_metrics(res, [LM()])
+    assert res["results"]["retrofit_arc_easy"]["mean_layers_executed,none"] == 24.5
+    assert "mean_layers_executed,none" not in res["results"]["other"]
+
+
+def test_misa_distill_honours_retrofit_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # ../shared/data relative to here does not exist
+    res = _cli(["misa", "distill", "--steps", "1"], env={"RETROFIT_DATA": str(tmp_path / "mydata")})
+    flat = res.output.replace(" ", "")
+    assert res.exit_code == 2 and str(tmp_path / "mydata" / "tinyshakespeare") in flat, res.raw

@@ -399,10 +399,12 @@ def available_tasks() -> list[str]:
     return sorted(_LOADERS) + ["mmlu_<subject>", "<path>.jsonl"]
 
 
-def load_task(name: str, split: str | None = None, limit: int | None = None) -> list[Example]:
+def load_task(name: str, split: str | None = None, limit: int | None = None,
+              data: str | os.PathLike | None = None) -> list[Example]:
     """Examples of task ``name`` (see :func:`available_tasks`) or of a JSONL file with question/choices/answer.
 
-    ``split=None`` takes the task's usual evaluation split; ``limit`` keeps the first ``limit`` examples.
+    ``split=None`` takes the task's usual evaluation split; ``limit`` keeps the first ``limit`` examples;
+    ``data`` is the data folder (:func:`data_dir`'s rule when None).
     """
     if limit is not None and limit < 0:
         raise ValueError("limit must be >= 0")
@@ -410,9 +412,9 @@ def load_task(name: str, split: str | None = None, limit: int | None = None) -> 
     if name.endswith(".jsonl") or p.is_file():
         gen = _user_jsonl(p)
     elif name in _LOADERS:
-        gen = _LOADERS[name](split, data_dir())
+        gen = _LOADERS[name](split, data_dir(data))
     elif name.startswith("mmlu_"):
-        gen = _mmlu(name[len("mmlu_"):])(split, data_dir())
+        gen = _mmlu(name[len("mmlu_"):])(split, data_dir(data))
     else:
         raise TaskDataError(f"unknown task {name!r}: use one of {', '.join(available_tasks())}")
     out = []

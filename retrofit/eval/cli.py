@@ -45,6 +45,38 @@ def _threads(n: int | None) -> None:
         torch.set_num_threads(n)
 
 
+def _default_device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    mps = getattr(torch.backends, "mps", None)
+    return "mps" if mps is not None and mps.is_available() else "cpu"
+
+
+def _check_device(device: str) -> str:
+    """The device, or a one-line error when this torch cannot use it."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise typer.BadParameter(f"--device {device}: this torch has no CUDA device; use --device cpu "
+                                 f"(the default here is {_default_device()})")
+    return device
+
+
+def add_compute_metrics(results: dict, lms) -> None:
+    """Put each task's layers executed (and layer fraction, prompts) from the retrofit models that scored it into
+    lm-eval's ``results["results"][task]``, so its table and saved JSON show compute next to accuracy."""
+    for task, entry in (results.get("results") or {}).items():
+        for lm in lms:
+            comp = lm.compute_metrics(task)
+            if comp["prompts"]:
+                entry["mean_layers_executed,none"] = comp["mean_layers_executed"]
+                entry["layer_fraction,none"] = comp["layer_fraction"]
+                entry["num_layers,none"] = comp["num_layers"]
+                break
+
+
 def register(app: typer.Typer) -> None:
     @app.command("eval")
     def eval_cmd(
@@ -61,9 +93,12 @@ def register(app: typer.Typer) -> None:
                                                      "configs/methods/misa.yaml); --set wins over it"),
         limit: Optional[float] = typer.Option(None, help="first N documents per task (lm-eval --limit)"),
         batch_size: int = typer.Option(16),
-        device: str = typer.Option("cpu"),
+        device: Optional[str] = typer.Option(None, help="torch device (default: cuda when there is one, else cpu)"),
         out: Path = typer.Option(Path("runs/eval"), help="folder for <run>.json results and the plots"),
-        name: Optional[str] = typer.Option(None, help="run name (default from method and config)"),
+        name: Optional[str] = typer.Option(None, help="run name (default from method, config, routers, limit and "
+                                           "model: everything that changes the result)"),
+        overwrite: bool = typer.Option(False, help="replace a results file that holds a run with other settings "
+                                       "(default: refuse, nothing is lost)"),
         data: Optional[Path] = typer.Option(None, help="shared data folder (default $RETROFIT_DATA or ../shared/data)"),
         plot: bool = typer.Option(True, help="write plots over every run in --out"),
         plot_dir: Optional[Path] = typer.Option(None, help="folder for the plots (default: --out)"),
@@ -71,8 +106,17 @@ def register(app: typer.Typer) -> None:
     ):
         """Evaluate the base model or a retrofit method on offline lm-eval tasks; results JSON per run + plots."""
         _threads(threads)
+        from retrofit.artifacts import ArtifactError
+        from retrofit.core.data import TaskDataError
         from retrofit.eval.plots import plot_runs
-        from retrofit.eval.runner import evaluate, load_runs
+        from retrofit.eval.runner import RunExistsError, evaluate, load_runs
+        from retrofit.eval.tasks import resolve_task_names
+
+        device = _check_device(device or _default_device())
+        try:
+            resolve_task_names(tasks)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
 
         cfg = {**_read_method_config(method_config), **_parse_sets(set_)}
         if method is None and method_config is not None:
@@ -91,9 +135,12 @@ def register(app: typer.Typer) -> None:
             if sb is not None:
                 c["skip_bias"] = sb
             run_name = name if name and len(knobs) == 1 else (f"{name}_skip_bias{sb}" if name else None)
-            evaluate(tasks, model=model, method=method, routers=str(routers) if routers else None, config=c,
-                     limit=lim, batch_size=batch_size, device=device, out=out, name=run_name, data=data,
-                     command=command)
+            try:
+                evaluate(tasks, model=model, method=method, routers=str(routers) if routers else None, config=c,
+                         limit=lim, batch_size=batch_size, device=device, out=out, name=run_name, data=data,
+                         command=command, overwrite=overwrite)
+            except (RunExistsError, TaskDataError, ArtifactError, FileNotFoundError) as e:
+                raise typer.BadParameter(str(e)) from None
         if plot:
             for p in plot_runs(load_runs([out]), plot_dir or out):
                 typer.echo(f"wrote {p}")
@@ -134,22 +181,55 @@ def register(app: typer.Typer) -> None:
         out.write_text(json.dumps(res, indent=1))
         typer.echo(f"dropped layers {res['dropped']} -> {out}")
 
-    @app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    @app.command("lm-eval", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                              "help_option_names": []})
     def lm_eval_cmd(ctx: typer.Context):
-        """lm-eval's own CLI with the `retrofit` model registered and the offline tasks on the include path:
-        retrofit lm-eval run --model retrofit --model_args pretrained=default,method=drllm,routers=DIR --tasks ..."""
+        """lm-eval's own CLI (`retrofit lm-eval --help` / `retrofit lm-eval run --help` show its help) with the
+        `retrofit` model registered and the offline tasks on the include path:
+        retrofit lm-eval run --model retrofit --model_args pretrained=default,method=drllm,routers=DIR --tasks
+        retrofit_arc_easy. --device defaults to the device that exists (cuda, else cpu); the results table adds
+        each task's mean_layers_executed and layer_fraction."""
         import os
         import tempfile
 
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        import retrofit.eval.lm_eval_model  # noqa: F401  (registers --model retrofit)
+        import lm_eval
+
+        import retrofit.eval.lm_eval_model as lm_model  # registers --model retrofit
         from lm_eval.__main__ import cli_evaluate
 
         from retrofit.eval.tasks import render_tasks
 
         args = list(ctx.args)
-        if "--include_path" not in args:
-            args += ["--include_path", str(render_tasks(Path(tempfile.mkdtemp(prefix="retrofit_tasks_"))))]
+        if len(args) > 1 and args[0] not in ("run", "ls", "validate"):
+            args.insert(0, "run")  # lm-eval's own backward compatibility: options without a subcommand = run
+        if len(args) > 1 and not {"-h", "--help"} & set(args):
+            if args[0] == "run":
+                dev = next((a.split("=", 1)[1] for a in args if a.startswith("--device=")), None)
+                if dev is None and "--device" in args and args.index("--device") + 1 < len(args):
+                    dev = args[args.index("--device") + 1]
+                if dev is None:
+                    args += ["--device", _default_device()]
+                else:
+                    _check_device(dev)
+            if "--include_path" not in args:
+                args += ["--include_path", str(render_tasks(Path(tempfile.mkdtemp(prefix="retrofit_tasks_"))))]
         sys.argv = ["lm_eval", *args]
-        cli_evaluate()
+        orig = lm_eval.simple_evaluate
+
+        def simple_evaluate(*a, **kw):  # lm-eval's CLI imports it from the package when it runs
+            lm_model.COLLECT = []
+            try:
+                res = orig(*a, **kw)
+                if isinstance(res, dict):
+                    add_compute_metrics(res, lm_model.COLLECT)
+                return res
+            finally:
+                lm_model.COLLECT = None
+
+        lm_eval.simple_evaluate = simple_evaluate
+        try:
+            cli_evaluate()
+        finally:
+            lm_eval.simple_evaluate = orig

@@ -42,6 +42,10 @@ from retrofit.core.plans import ACTIONS, parse_plan, plan_passes
 
 log = logging.getLogger(__name__)
 
+# `retrofit lm-eval` sets a list here while lm-eval runs, to find the models lm-eval builds (their compute metrics)
+COLLECT: list | None = None
+
+
 @register_model("retrofit")
 class RetrofitLM(HFLM):
     """lm-eval ``HFLM`` over a retrofit-attached model (see the module docstring for the arguments)."""
@@ -96,6 +100,8 @@ class RetrofitLM(HFLM):
         self._compute: dict[str | None, dict[tuple, list[str]]] = {}
         self._req_tasks: list | None = None
         self._row_plans: dict[tuple, list[str]] | None = None
+        if COLLECT is not None:
+            COLLECT.append(self)
 
     def close(self) -> None:
         """Detach the retrofit method from the model (the model is the base again), so that another

@@ -16,7 +16,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from retrofit.core.data import arc_challenge_docs, data_dir, hellaswag_doc, piqa_labels
+from retrofit.core.data import TaskDataError, arc_challenge_docs, data_dir, hellaswag_doc, load_task, piqa_labels
 
 _HERE = Path(__file__).resolve().parent
 PLACEHOLDER = "@DATA@"
@@ -34,6 +34,38 @@ TASKS: dict[str, tuple[str, str, str]] = {
     "copa": ("retrofit_copa", "mc_extra/copa.jsonl", "COPA validation (100)"),
     "mmlu": ("retrofit_mmlu", "mmlu/test/marketing_test.csv", "MMLU, 6 subjects' test sets (1538)"),
 }
+
+
+_MMLU_SUBJECTS = ("high_school_biology", "high_school_geography", "elementary_mathematics", "computer_security",
+                  "marketing", "nutrition")
+# lm-eval task -> (retrofit.core.data loader, split, file) for every file its YAML loads (checked before lm-eval runs)
+DATA_CHECKS: dict[str, list[tuple[str, str | None, str]]] = {
+    "retrofit_arc_easy": [("arc_easy", s, f"arc_easy/{s}.jsonl") for s in ("train", "validation", "test")],
+    "retrofit_arc_easy_val": [("arc_easy", s, f"arc_easy/{s}.jsonl") for s in ("train", "validation")],
+    "retrofit_arc_easy_train": [("arc_easy", "train", "arc_easy/train.jsonl")],
+    "retrofit_arc_challenge": [("arc_challenge", "validation", "arc_challenge/ARC-Challenge-Dev.jsonl"),
+                               ("arc_challenge", "test", "arc_challenge/ARC-Challenge-Test.jsonl")],
+    "retrofit_piqa": [("piqa", None, "piqa/valid.jsonl")],
+    "retrofit_hellaswag": [("hellaswag", None, "hellaswag/hellaswag_val.jsonl")],
+    "retrofit_boolq": [("boolq", None, "mc_extra/boolq.jsonl")],
+    "retrofit_openbookqa": [("openbookqa", None, "mc_extra/openbook_qa.jsonl")],
+    "retrofit_copa": [("copa", None, "mc_extra/copa.jsonl")],
+    "retrofit_mmlu": [(f"mmlu_{s}", "test", f"mmlu/test/{s}_test.csv") for s in _MMLU_SUBJECTS],
+}
+
+
+def check_task_data(task_names: list[str], data: str | os.PathLike | None = None) -> None:
+    """Read every file the given lm-eval tasks load with :mod:`retrofit.core.data`'s loaders (the ones
+    ``retrofit search`` uses), so a malformed or empty file is a :class:`TaskDataError` saying ``file:line:
+    cause`` before lm-eval starts, not a traceback from inside it."""
+    root = data_dir(data)
+    if not root.is_dir():
+        raise TaskDataError(f"{root}: evaluation data folder not found: set RETROFIT_DATA (or --data) to the shared "
+                            "data folder (the one with arc_easy/, piqa/, ...), or put it at ../shared/data")
+    for task in task_names:
+        for loader, split, rel in DATA_CHECKS.get(task, []):
+            if not load_task(loader, split, data=root):
+                raise TaskDataError(f"{root / rel}: no examples (the file is empty)")
 
 
 def resolve_task_names(tasks: str | list[str]) -> list[str]:

@@ -14,7 +14,8 @@ def register(app: typer.Typer) -> None:
     def distill(
         out: Path = typer.Option(None,
                                  help="artifact folder (default: <retrofit cache>/misa/smollm2-lightning-indexer)"),
-        data: Path = typer.Option(Path("../shared/data"), help="the shared evaluation data folder"),
+        data: Path = typer.Option(None, help="the shared evaluation data folder (default: $RETROFIT_DATA, else "
+                                  "../shared/data beside the repository)"),
         layers: str = typer.Option("4,12,20", help="comma-separated decoder layers"),
         steps: int = typer.Option(120, help="optimiser steps per layer"),
         seq_len: int = typer.Option(512, help="training window length"),
@@ -24,9 +25,16 @@ def register(app: typer.Typer) -> None:
         """Distil a DSA lightning indexer onto the default model from its own attention (KL warm-up)."""
         import torch
 
+        from retrofit.core.data import data_dir
         from retrofit.methods.misa.distill import (DistillConfig, IndexerConfig, default_indexer_path,
                                                    distill_indexers, save_indexers)
         from retrofit.models import load_model
+
+        data = data_dir(data)
+        missing = [p for p in (data / "tinyshakespeare" / "input.txt", data / "kv_retrieval") if not p.exists()]
+        if missing:
+            raise typer.BadParameter(f"{missing[0]} not found: set RETROFIT_DATA (or --data) to the shared data "
+                                     "folder (the one with tinyshakespeare/ and kv_retrieval/)")
 
         torch.set_num_threads(max(1, torch.get_num_threads()))
         model, tok = load_model("default")

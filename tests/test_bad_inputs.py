@@ -347,3 +347,14 @@ def test_misa_distill_honours_retrofit_data(tmp_path, monkeypatch):
     res = _cli(["misa", "distill", "--steps", "1"], env={"RETROFIT_DATA": str(tmp_path / "mydata")})
     flat = res.output.replace(" ", "")
     assert res.exit_code == 2 and str(tmp_path / "mydata" / "tinyshakespeare") in flat, res.raw
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--method", "drllm", "--set", "num_windows=true"], "DrLLMConfig.num_windows must be an integer"),
+    (["--method", "drllm", "--set", "allow_repeat=no"], "DrLLMConfig.allow_repeat must be True or False"),
+    (["--method", "drllm", "--set", "windows=3"], "unknown option"),
+    (["--method", "foo"], "unknown method 'foo'"),
+])
+def test_eval_config_mistakes_are_one_line_errors(tmp_path, args, msg):
+    res = _cli(["eval", "--tasks", "arc_easy", "--out", str(tmp_path), "--no-plot", *args])
+    assert res.exit_code == 2 and msg in res.output and "Traceback" not in res.raw, res.raw

@@ -127,6 +127,16 @@ def register(app: typer.Typer) -> None:
             cfg["plan"] = plan
         if (skip_bias or cfg) and method is None:
             raise typer.BadParameter("--skip-bias / --set / --plan need --method (e.g. --method drllm)")
+        if method is not None:  # config mistakes (--set num_windows=true) are one-line errors, before any model loads
+            from retrofit.methods import build_config, get_method
+
+            try:
+                cls = get_method(method).config_cls
+                for sb in skip_bias or [None]:
+                    build_config(cls, {k: v for k, v in {**cfg, "skip_bias": sb}.items()
+                                       if k != "plan" and not (k == "skip_bias" and v is None)})
+            except (KeyError, TypeError, ValueError, NotImplementedError) as e:
+                raise typer.BadParameter(str(e).strip('"')) from None
         lim = int(limit) if limit is not None and float(limit).is_integer() and limit >= 1 else limit
         command = "retrofit eval " + " ".join(shlex.quote(a) for a in sys.argv[2:]) if len(sys.argv) > 1 else None
         knobs = skip_bias or [None]
@@ -139,7 +149,7 @@ def register(app: typer.Typer) -> None:
                 evaluate(tasks, model=model, method=method, routers=str(routers) if routers else None, config=c,
                          limit=lim, batch_size=batch_size, device=device, out=out, name=run_name, data=data,
                          command=command, overwrite=overwrite)
-            except (RunExistsError, TaskDataError, ArtifactError, FileNotFoundError) as e:
+            except (RunExistsError, TaskDataError, ArtifactError, FileNotFoundError, FloatingPointError) as e:
                 raise typer.BadParameter(str(e)) from None
         if plot:
             for p in plot_runs(load_runs([out]), plot_dir or out):

@@ -303,6 +303,8 @@ def load_artifact(path: str | Path, model: torch.nn.Module | None = None,
     """Read an artifact; check it belongs to ``model`` and ``method`` when given."""
     path = Path(path)
     meta = read_meta(path)
+    if meta["format_version"] < FORMAT_VERSION:  # its fingerprint cannot be checked (also not by a server later)
+        raise _old_fingerprint_error(path)
     if method is not None and meta["method"] != method:
         raise ArtifactError(f"{path} holds a {meta['method']!r} artifact, not {method!r}: "
                             f"attach it with method={meta['method']!r} or use retrofit.load().")

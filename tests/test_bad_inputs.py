@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import retrofit
-from retrofit.artifacts import CONFIG_NAME, TENSORS_NAME, ArtifactError, fingerprint
+from retrofit.artifacts import CONFIG_NAME, TENSORS_NAME, ArtifactError, fingerprint, load_artifact
 from retrofit.testing import tiny_model
 
 
@@ -85,6 +85,8 @@ def test_old_format_artifact_is_refused_with_the_upgrade_named(tmp_path):
     (path / CONFIG_NAME).write_text(json.dumps(meta))
     with pytest.raises(ArtifactError, match=r"older retrofit.*upgrade_artifact"):
         retrofit.load(model, path)
+    with pytest.raises(ArtifactError, match=r"older retrofit.*upgrade_artifact"):
+        load_artifact(path)  # also without a model (a server reads it before the weights are loaded)
     with pytest.raises(ArtifactError, match="another base model"):
         upgrade_artifact(path, tiny_model("llama", seed=3))
     upgrade_artifact(path, model)

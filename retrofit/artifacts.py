@@ -160,11 +160,15 @@ def compare_fingerprint(expected: dict, actual: dict, path) -> None:
     if not diffs and expected.get("weights_sha256") != actual["weights_sha256"]:
         layers = [i for i, (a, b) in enumerate(zip(expected["layers_sha256"], actual["layers_sha256"])) if a != b]
         where = []
-        if layers:
-            where.append(f"decoder layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}")
+        every_layer = len(layers) == len(actual["layers_sha256"])
+        if every_layer:
+            where.append("every decoder layer")
+        elif layers:
+            more = f" and {len(layers) - 8} more" if len(layers) > 8 else ""
+            where.append(f"decoder layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers[:8]))}{more}")
         if expected.get("other_sha256") != actual["other_sha256"]:
             where.append("the embedding / final norm / LM head")
-        every = len(layers) == len(actual["layers_sha256"]) and len(where) == 2
+        every = every_layer and len(where) == 2
         hint = (" (every tensor differs: another model, or these weights in another precision than float32 / "
                 "bfloat16, e.g. float16 or quantised)") if every else ""
         diffs.append(f"weights_sha256: the weights differ in {' and '.join(where)}{hint}")

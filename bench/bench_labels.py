@@ -45,6 +45,24 @@ def relabel(records: list[dict], accept) -> list[dict]:
     return out
 
 
+def safety_agreement(records: list[dict], other: list[dict]) -> dict:
+    """Per question, the correlation over layers of the two runs' safety targets (how often skipping a layer
+    kept the answer; ``retrofit train --target safety``), averaged over the questions both labelled."""
+    import torch
+
+    from retrofit.methods.drllm.train import safety_targets
+
+    by_id = {r["id"]: r for r in other if r.get("found")}
+    cs = []
+    for r in records:
+        if r.get("found") and r["id"] in by_id:
+            a = safety_targets(r, len(r["plan"]))[:, 0]
+            b = safety_targets(by_id[r["id"]], len(r["plan"]))[:, 0]
+            if a.std() > 0 and b.std() > 0:
+                cs.append(float(torch.corrcoef(torch.stack([a, b]))[0, 1]))
+    return {"n_common": len(cs), "mean_layer_correlation": sum(cs) / len(cs) if cs else None}
+
+
 def stats(records, other=None):
     d = label_diagnostics(records, other=other)
     return {k: d[k] for k in KEYS if k in d}
@@ -77,6 +95,7 @@ def main():
         "command": "python " + " ".join(sys.argv), "date": datetime.date.today().isoformat(),
     }
     res["seed_agreement"] = seed_agreement(new, s1)
+    res["safety_target_agreement"] = safety_agreement(new, s1)
     out = Path(args.out)
     out.write_text(json.dumps(res, indent=1) + "\n")
     for name, recs in (("old", old), ("new", new)):
@@ -91,6 +110,7 @@ def main():
             print(f"ablation {k}: {v['n_labels']} labels of {v['n_questions']}, saved {v.get('mean_layers_saved')}, "
                   f"skip share layers 0-4 {[round(x, 2) for x in (v.get('label_skip_share') or [])[:5]]}")
     print("seed agreement:", res["seed_agreement"])
+    print("safety-target agreement:", res["safety_target_agreement"])
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from retrofit.search.evaluator import PlanEvaluator, naive_scores, plan_compute, plan_unique_layers
+from retrofit.core.plans import plan_passes, plan_unique_layers
+from retrofit.search.evaluator import PlanEvaluator, naive_scores
 from retrofit.search.mcts import MCTSConfig, budget_passes, mcts_search
 from retrofit.search.run import merge_files, read_records, search_examples, summarize
 from retrofit.search.tasks import Example
@@ -133,8 +134,8 @@ def _oracle(fn, calls):
 def _brute_best(L, fn, budget):
     best = None
     for p in itertools.product(ACTS, repeat=L):
-        if fn(p) and plan_compute(p) <= budget:
-            key = (plan_compute(p), plan_unique_layers(p))
+        if fn(p) and plan_passes(p) <= budget:
+            key = (plan_passes(p), plan_unique_layers(p))
             best = key if best is None or key < best else best
     return best
 
@@ -151,7 +152,7 @@ def test_mcts_finds_the_known_best_plan():
 
 def test_mcts_ties_go_to_fewer_unique_layers():
     # correct iff at least 4 block passes: shortest = 4 passes; fewest unique layers = two repeats
-    fn = lambda p: plan_compute(p) >= 4  # noqa: E731
+    fn = lambda p: plan_passes(p) >= 4  # noqa: E731
     res = mcts_search(_oracle(fn, []), 4, MCTSConfig(simulations=400), random.Random(1))
     assert (res.compute, plan_unique_layers(res.plan)) == _brute_best(4, fn, 4) == (4, 2)
     assert sorted(res.plan) == ["repeat", "repeat", "skip", "skip"]
@@ -230,7 +231,7 @@ def test_same_seed_same_results_and_records(tiny, tmp_path):
     for k in ("id", "prompt", "choices", "gold", "plan", "reward", "compute", "layer_fraction", "base_correct",
               "correct", "stats"):
         assert k in r
-    assert r["compute"] == plan_compute(r["plan"]) and r["layer_fraction"] == r["compute"] / 4
+    assert r["compute"] == plan_passes(r["plan"]) and r["layer_fraction"] == r["compute"] / 4
     assert set(r["stats"]) == {"simulations", "configs", "seconds"}
     assert read_records(tmp_path / "a.jsonl") == a
     s = summarize(a)
@@ -383,7 +384,7 @@ def test_path_tree_nodes_are_whole_plans_near_the_base_plan():
     assert plans[0] == ("execute",) * 10 and len(plans) == len(set(plans)) == 31
     # a child differs from its parent by one edit: the k-th evaluated plan is at most k edits from the base
     assert all(sum(a != "execute" for a in p) <= 2 * k for k, p in enumerate(plans))
-    assert min(plan_compute(p) for p in plans[1:]) >= 10 - 2 * 30
+    assert min(plan_passes(p) for p in plans[1:]) >= 10 - 2 * 30
     assert res.simulations == 30 and res.good_plans == []
     with pytest.raises(ValueError, match="tree"):
         MCTSConfig(tree="chain")
@@ -394,7 +395,7 @@ def test_path_tree_respects_the_budget_when_repeating():
     mcts_search(_oracle(lambda p: seen.append(p) or False, []), 6, MCTSConfig(simulations=80), random.Random(0),
                 budget=6)
     assert any("repeat" in p for p in seen)  # a repeat after a skip
-    assert all(plan_compute(p) <= 6 for p in seen)
+    assert all(plan_passes(p) <= 6 for p in seen)
 
 
 # ----------------------------------------------------------------------------------------- the reward rule

@@ -8,6 +8,11 @@ from typing import Optional
 
 import typer
 
+from .mcts import MCTSConfig
+from .reward import RewardRule
+
+_M, _R = MCTSConfig(), RewardRule()  # the CLI's defaults are the dataclasses' own
+
 
 def _setup(threads: int):
     import os
@@ -29,22 +34,22 @@ def register(app: typer.Typer) -> None:
         split: Optional[str] = typer.Option(None, help="data split (default: the task's evaluation split)"),
         limit: Optional[int] = typer.Option(None, help="first N examples only"),
         budget: str = typer.Option("1.0", help="compute budget: a fraction of the layers (0.9) or block passes (27)"),
-        simulations: int = typer.Option(50, help="MCTS simulations per example (Dr.LLM: 50)"),
-        tree: str = typer.Option("path", help="'path': Dr.LLM's tree of whole plans edited anywhere from the "
+        simulations: int = typer.Option(_M.simulations, help="MCTS simulations per example (Dr.LLM: 50)"),
+        tree: str = typer.Option(_M.tree, help="'path': Dr.LLM's tree of whole plans edited anywhere from the "
                                  "all-execute root; 'prefix': plan prefixes decided from layer 0 down + rollouts"),
-        reward: str = typer.Option("confident", help="'confident': the gold choice wins with probability >= "
+        reward: str = typer.Option(_R.kind, help="'confident': the gold choice wins with probability >= "
                                    "--min-prob and at most --max-drop below the base plan's; 'binary': gold wins"),
-        min_prob: float = typer.Option(0.5, help="confident reward: least gold-choice probability among the choices"),
-        max_drop: float = typer.Option(0.1, help="confident reward: largest drop below the base plan's gold probability"),
-        flips: bool = typer.Option(False, help="confident reward: a plan may also earn it by turning the base plan's "
+        min_prob: float = typer.Option(_R.min_prob, help="confident reward: least gold-choice probability among the choices"),
+        max_drop: float = typer.Option(_R.max_drop, help="confident reward: largest drop below the base plan's gold probability"),
+        flips: bool = typer.Option(_R.flips, help="confident reward: a plan may also earn it by turning the base plan's "
                                    "wrong answer right (off: such flips are mostly luck on a near-chance model)"),
-        widen_alpha: float = typer.Option(0.7, help="path tree: a node with v visits holds <= ceil(v ** alpha) children"),
-        batch: int = typer.Option(8, help="simulations evaluated together as one batch"),
-        c: float = typer.Option(1.8, help="UCB exploration constant"),
-        lam: float = typer.Option(3.0, help="UCB length penalty"),
-        p_random: float = typer.Option(0.1, help="probability of a random child during selection"),
-        rollout_skip: float = typer.Option(0.1, help="prefix tree's rollout: probability of skipping a layer"),
-        rollout_repeat: float = typer.Option(0.02, help="prefix tree's rollout: probability of repeating a layer"),
+        widen_alpha: float = typer.Option(_M.widen_alpha, help="path tree: a node with v visits holds <= ceil(v ** alpha) children"),
+        batch: int = typer.Option(_M.batch, help="simulations evaluated together as one batch"),
+        c: float = typer.Option(_M.c, help="UCB exploration constant"),
+        lam: float = typer.Option(_M.lam, help="UCB length penalty"),
+        p_random: float = typer.Option(_M.p_random, help="probability of a random child during selection"),
+        rollout_skip: float = typer.Option(_M.rollout_skip, help="prefix tree's rollout: probability of skipping a layer"),
+        rollout_repeat: float = typer.Option(_M.rollout_repeat, help="prefix tree's rollout: probability of repeating a layer"),
         no_repeat: bool = typer.Option(False, help="search skip/execute only"),
         seed: int = typer.Option(0),
         shard: Optional[str] = typer.Option(None, help="i/n: this process takes examples k with k % n == i"),
@@ -64,8 +69,6 @@ def register(app: typer.Typer) -> None:
 
         from .diagnostics import format_diagnostics, label_diagnostics, save_diagnostics
         from .evaluator import PlanEvaluator
-        from .mcts import MCTSConfig
-        from .reward import RewardRule
         from .run import format_summary, parse_shard, read_records, search_examples, summarize
         from .tasks import load_task
 

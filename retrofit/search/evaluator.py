@@ -30,11 +30,9 @@ from retrofit.arch import get_adapter
 
 from retrofit.core.data import (Example, continuation_logprobs, extract_number, numbers_match, pad_right,
                                 tokenize_request)
-from retrofit.core.plans import ACTIONS, action_passes, plan_unique_layers, validate_plan
-from retrofit.core.plans import plan_passes as plan_compute  # the old name, still imported by the search
+from retrofit.core.plans import action_passes, validate_plan
 
-__all__ = ["ACTIONS", "PlanEvaluator", "PlanResult", "plan_compute", "plan_unique_layers", "validate_plan",
-           "naive_scores"]
+__all__ = ["PlanEvaluator", "PlanResult", "naive_scores"]
 
 
 @dataclass

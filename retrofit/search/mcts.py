@@ -41,7 +41,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from .evaluator import plan_compute, plan_unique_layers
+from retrofit.core.plans import plan_passes, plan_unique_layers
 
 __all__ = ["MCTSConfig", "SearchResult", "mcts_search", "budget_passes", "TREES"]
 
@@ -171,7 +171,7 @@ class _Scorer:
         self.best = None
 
     def reward(self, p: tuple) -> float:
-        return 1.0 if self.seen[p] and plan_compute(p) <= self.budget else 0.0
+        return 1.0 if self.seen[p] and plan_passes(p) <= self.budget else 0.0
 
     def __call__(self, plans: list[tuple]) -> list[float]:
         new = [p for p in dict.fromkeys(plans) if p not in self.seen]
@@ -179,7 +179,7 @@ class _Scorer:
             for p, ok in zip(new, evaluate_checked(self.evaluate, new)):
                 self.seen[p] = bool(ok)
                 if self.reward(p):
-                    key = (plan_compute(p), plan_unique_layers(p), len(self.good))
+                    key = (plan_passes(p), plan_unique_layers(p), len(self.good))
                     self.good.append(p)
                     if self.best is None or key < self.best[0]:
                         self.best = (key, p)
@@ -187,7 +187,7 @@ class _Scorer:
 
     def result(self, base, done, t0) -> SearchResult:
         plan, found = (self.best[1], True) if self.best is not None else (base, False)
-        return SearchResult(plan=plan, found=found, reward=1.0 if found else 0.0, compute=plan_compute(plan),
+        return SearchResult(plan=plan, found=found, reward=1.0 if found else 0.0, compute=plan_passes(plan),
                             base_correct=self.seen[base], simulations=done, configs=len(self.seen),
                             seconds=time.perf_counter() - t0, good_plans=list(self.good))
 
@@ -210,7 +210,7 @@ def _path_moves(plan: tuple, budget: int, allow_repeat: bool) -> list[tuple]:
     n = [_PASSES[a] for a in plan]
     out = [("skip", i) for i in range(L) if n[i] > 0]
     out += [("skip2", i) for i in range(L - 1) if n[i] > 0 and n[i + 1] > 0]
-    if allow_repeat and plan_compute(plan) + 1 <= budget:
+    if allow_repeat and plan_passes(plan) + 1 <= budget:
         out += [("repeat", i) for i in range(L) if n[i] == 1]
     return out
 
@@ -245,7 +245,7 @@ def _path_search(evaluate, L: int, cfg: MCTSConfig, rng: random.Random, budget: 
 
     def ucb(ch: _Node, parent_visits: int) -> float:
         return (ch.value / ch.visits + cfg.c * math.sqrt(math.log(max(parent_visits, 1)) / ch.visits)
-                - cfg.lam * plan_compute(ch.prefix) / L)
+                - cfg.lam * plan_passes(ch.prefix) / L)
 
     def mark_exhausted(nd: _Node):
         while nd is not None and not nd.untried and all(ch.exhausted for ch in nd.children):
@@ -333,7 +333,7 @@ def _prefix_search(evaluate, num_layers: int, cfg: MCTSConfig, rng: random.Rando
     def ucb(ch: _Node, parent_visits: int) -> float:
         if ch.visits == 0:
             return math.inf
-        length = plan_compute(ch.prefix) + (L - len(ch.prefix))
+        length = plan_passes(ch.prefix) + (L - len(ch.prefix))
         return (ch.value / ch.visits + cfg.c * math.sqrt(math.log(max(parent_visits, 1)) / ch.visits)
                 - cfg.lam * length / L)
 

@@ -14,7 +14,7 @@ from retrofit.core.plans import plan_letters
 
 from retrofit.core.data import read_search_records as read_records
 
-from .evaluator import PlanEvaluator, plan_compute
+from .evaluator import PlanEvaluator
 from .mcts import MCTSConfig, budget_passes, mcts_search
 from .reward import RewardRule, gold_probability
 from .tasks import Example
@@ -109,7 +109,8 @@ def search_examples(model, tokenizer, examples: list[Example], out: str | Path, 
                 "index": k, "id": ex.id, "task": task or ex.task, "split": split, "prompt": ex.prompt,
                 "choices": ex.choices, "gold": ex.gold, **({"contexts": ex.contexts} if ex.contexts else {}),
                 "plan": list(res.plan), "reward": res.reward, "compute": res.compute,
-                "layer_fraction": res.compute / L, "base_correct": res.base_correct, "correct": chosen.correct,
+                "layer_fraction": res.compute / L, "base_correct": bool(base_res.correct),
+                "base_rewarded": res.base_correct, "correct": chosen.correct,
                 "found": res.found, **conf, "good_plans": [plan_letters(p) for p in res.good_plans],
                 # every plan the search evaluated, as [letters, gold choice probability (null: generative), correct]
                 # so that other reward rules can be applied to the same search afterwards (label ablations)
@@ -186,6 +187,3 @@ def merge_files(inputs: list[str | Path], out: str | Path) -> list[dict]:
     tmp.replace(out)
     return [by_index[k] for k in sorted(by_index)]
 
-
-def plan_fraction(plan) -> float:
-    return plan_compute(plan) / len(plan)

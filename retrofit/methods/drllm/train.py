@@ -166,7 +166,9 @@ def train_routers(handle, features, valid, labels, cfg: TrainConfig, progress: b
     for p in routers.parameters():
         p.requires_grad_(True)
     base_params = [p for p in handle.model.parameters()]
-    assert not any(p.requires_grad for p in base_params), "the base model must stay frozen"
+    if any(p.requires_grad for p in base_params):
+        raise RuntimeError("the base model must stay frozen during router training, but some of its parameters "
+                           "require gradients; attach the routers with retrofit.attach, which freezes it")
     opt = torch.optim.AdamW(routers.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, math.ceil(len(tr_idx) / cfg.batch_size))
     total = steps_per_epoch * cfg.epochs
@@ -275,6 +277,8 @@ def train_from_searches(model, tokenizer, search_files, out_dir, cfg: TrainConfi
         handle.save(out_dir)
     finally:
         handle.detach()
-    assert fingerprint(model) == before, "base model weights changed during router training"
+    if fingerprint(model) != before:
+        raise RuntimeError("the base model's weights changed during router training; nothing was saved over them, "
+                           "but the model object is no longer the base model: reload it")
     Path(out_dir, "training_report.json").write_text(json.dumps(report, indent=2))
     return report

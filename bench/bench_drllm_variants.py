@@ -59,8 +59,14 @@ def main():
     base = [("execute",) * L] * len(val)
     statics = {k: [tuple(plan_from_scores(scores, k))] * len(val) for k in range(1, 9)}
     voted = {k: [tuple(voted_plan(shares, k))] * len(val) for k in range(1, 9)}
-    ref = score(ev, val, {"base": base, **{f"static_k{k}": v for k, v in statics.items()},
-                          **{f"voted_k{k}": v for k, v in voted.items()}}, "validation baselines")
+    cache = Path(args.workdir) / f"baselines_{len(val)}_{len(recs)}.json"  # the same questions and labels
+    if cache.is_file():
+        ref = json.loads(cache.read_text())
+    else:
+        ref = score(ev, val, {"base": base, **{f"static_k{k}": v for k, v in statics.items()},
+                              **{f"voted_k{k}": v for k, v in voted.items()}}, "validation baselines")
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        cache.write_text(json.dumps(ref))
     base_acc = sum(ref["base"]) / len(val)
     out = {"n_val": len(val), "base_acc": base_acc, "n_records": len(recs), "n_labels": diag.get("n_labels"),
            "static": {k: sum(ref[f"static_k{k}"]) / len(val) for k in statics},

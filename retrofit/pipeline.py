@@ -15,7 +15,7 @@ from pathlib import Path
 import typer
 
 
-def run_pipeline(workdir: Path, train_examples: int = 32, test_examples: int = 100, simulations: int = 16,
+def run_pipeline(workdir: Path, train_examples: int = 32, test_examples: int = 100, simulations: int = 50,
                  seed: int = 0, task: str = "arc_easy", eval_task: str = "arc_easy", epochs: int = 25,
                  model_name: str = "default", batch_size: int = 16) -> dict:
     from retrofit.eval.plots import plot_action_heatmap, plot_accuracy_vs_layers
@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
         workdir: Path = typer.Option(Path("runs/pipeline"), help="results folder (a re-run resumes)"),
         train_examples: int = typer.Option(32, help="ARC-Easy training questions searched"),
         test_examples: int = typer.Option(100, help="ARC-Easy test questions evaluated"),
-        simulations: int = typer.Option(16, help="MCTS simulations per question (paper: 50)"),
+        simulations: int = typer.Option(50, help="MCTS simulations per question (the paper's 50)"),
         seed: int = typer.Option(0),
         model: str = typer.Option("default", help="'default' (SmolLM2-135M-Instruct) or a local folder"),
     ):

@@ -274,11 +274,7 @@ def _path_search(evaluate, L: int, cfg: MCTSConfig, rng: random.Random, budget: 
                 live = [ch for ch in node.children if not ch.exhausted]
                 if not live:
                     break
-                if rng.random() < cfg.p_random:
-                    node = live[rng.randrange(len(live))]
-                else:
-                    V = node.visits
-                    node = max(live, key=lambda ch: ucb(ch, V))
+                node = _select_child(node, live, rng, cfg.p_random, ucb)
                 path.append(node)
             child = None
             while node.untried:
@@ -308,6 +304,14 @@ def _path_search(evaluate, L: int, cfg: MCTSConfig, rng: random.Random, budget: 
             st[1] += 1
         done += len(paths)
     return score.result(base, done, t0)
+
+
+def _select_child(node: _Node, live: list, rng: random.Random, p_random: float, ucb) -> _Node:
+    """With probability ``p_random`` a uniformly random live child (Dr.LLM), else the UCB best."""
+    if rng.random() < p_random:
+        return live[rng.randrange(len(live))]
+    V = node.visits
+    return max(live, key=lambda ch: ucb(ch, V))
 
 
 def _posterior(st) -> float:
@@ -360,11 +364,7 @@ def _prefix_search(evaluate, num_layers: int, cfg: MCTSConfig, rng: random.Rando
             path = [node]
             while not node.untried and node.children:
                 live = [ch for ch in node.children if not ch.exhausted] if cfg.prune_exhausted else node.children
-                if rng.random() < cfg.p_random:
-                    node = live[rng.randrange(len(live))]
-                else:
-                    V = node.visits
-                    node = max(live, key=lambda ch: ucb(ch, V))
+                node = _select_child(node, live, rng, cfg.p_random, ucb)
                 path.append(node)
             if node.untried:
                 move = node.untried.pop()

@@ -42,6 +42,8 @@ def main():
     ap.add_argument("--unlabeled", nargs="*", default=["drop", "execute"])
     ap.add_argument("--skip-bias", type=float, nargs="*", default=[-0.5, 0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0])
     ap.add_argument("--limit", type=int, default=None, help="validation questions (default: all 570)")
+    ap.add_argument("--bottleneck", type=int, default=128, help="router MLP width (the paper's 128)")
+    ap.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (the paper's 0.01)")
     ap.add_argument("--workdir", default="runs/drllm_variants")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/results/drllm_variants.json")
@@ -73,10 +75,12 @@ def main():
            "voted": {k: sum(ref[f"voted_k{k}"]) / len(val) for k in voted}, "variants": {}}
     for target in args.targets:
         for unl in args.unlabeled:
-            name = f"{target}-{unl}"
+            name = f"{target}-{unl}" + (f"-b{args.bottleneck}-wd{args.weight_decay:g}"
+                                         if (args.bottleneck, args.weight_decay) != (128, 0.01) else "")
             d = Path(args.workdir) / name
-            rep = train_from_searches(model, tok, args.search, d, TrainConfig(target=target, unlabeled=unl),
-                                      progress=False)
+            rep = train_from_searches(model, tok, args.search, d,
+                                      TrainConfig(target=target, unlabeled=unl, weight_decay=args.weight_decay),
+                                      bottleneck=args.bottleneck, progress=False)
             h = retrofit.load(model, d)
             try:
                 plans = {b: router_plans(model, tok, h, val, b) for b in args.skip_bias}

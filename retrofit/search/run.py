@@ -6,13 +6,11 @@ import json
 import os
 import random
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
-from dataclasses import asdict, replace
-
-from retrofit.core.plans import plan_letters
-
 from retrofit.core.data import read_search_records as read_records
+from retrofit.core.plans import plan_letters
 
 from .evaluator import PlanEvaluator
 from .mcts import MCTSConfig, budget_passes, mcts_search

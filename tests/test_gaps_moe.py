@@ -8,29 +8,8 @@ from retrofit.arch import get_adapter
 from retrofit.artifacts import ArtifactError, fingerprint
 from retrofit.methods.roma import RomaConfig
 from retrofit.methods.roma.train import neighbours, roma_loss, train_roma
-from retrofit.search.tasks import Example
 from retrofit.testing import tiny_model
-
-
-class _CharTok:
-    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
-
-    def __call__(self, text, add_special_tokens=False, **kw):
-        return {"input_ids": [3 + ord(c) % 120 for c in text]}
-
-
-TOK = _CharTok()
-
-
-def _examples(n=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    words = ["red", "blue", "cold", "warm", "sun", "moon", "rock", "tree"]
-    out = []
-    for i in range(n):
-        w = [words[int(j)] for j in torch.randint(0, len(words), (3,), generator=g)]
-        out.append(Example(id=f"t{i}", prompt=f"Question: {w[0]} {w[1]}?\nAnswer:",
-                           choices=[w[2], w[0] + " " + w[1], "none"], gold=int(i % 3)))
-    return out
+from test_roma import TOK, _examples  # the same character tokenizer and toy questions
 
 
 def _losses(model, exs, R_nb=None, W=None, lam=0.0):

@@ -41,7 +41,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
-from retrofit.core.plans import plan_passes, plan_unique_layers
+from retrofit.core.plans import ACTIONS, action_passes, plan_passes, plan_unique_layers
 
 __all__ = ["MCTSConfig", "SearchResult", "mcts_search", "budget_passes", "TREES"]
 
@@ -199,15 +199,11 @@ def evaluate_checked(evaluate, plans):
     return out
 
 
-_PASSES = {"skip": 0, "execute": 1, "repeat": 2}
-_ACTION = ("skip", "execute", "repeat")
-
-
 def _path_moves(plan: tuple, budget: int, allow_repeat: bool) -> list[tuple]:
     """Dr.LLM's path edits of ``plan`` as (kind, layer): drop one pass of a layer, one pass of each of two
     consecutive layers, or add a second pass to a layer executed once (only within the budget)."""
     L = len(plan)
-    n = [_PASSES[a] for a in plan]
+    n = [action_passes(a) for a in plan]
     out = [("skip", i) for i in range(L) if n[i] > 0]
     out += [("skip2", i) for i in range(L - 1) if n[i] > 0 and n[i + 1] > 0]
     if allow_repeat and plan_passes(plan) + 1 <= budget:
@@ -217,7 +213,7 @@ def _path_moves(plan: tuple, budget: int, allow_repeat: bool) -> list[tuple]:
 
 def _path_apply(plan: tuple, move: tuple) -> tuple:
     kind, i = move
-    n = [_PASSES[a] for a in plan]
+    n = [action_passes(a) for a in plan]
     if kind == "skip":
         n[i] -= 1
     elif kind == "skip2":
@@ -225,7 +221,7 @@ def _path_apply(plan: tuple, move: tuple) -> tuple:
         n[i + 1] -= 1
     else:
         n[i] += 1
-    return tuple(_ACTION[k] for k in n)
+    return tuple(ACTIONS[k] for k in n)
 
 
 def _path_search(evaluate, L: int, cfg: MCTSConfig, rng: random.Random, budget: int | None) -> SearchResult:

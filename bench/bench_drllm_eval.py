@@ -56,7 +56,7 @@ def router_plans(model, tok, handle, examples, skip_bias: float, batch: int = 32
     dev = next(model.parameters()).device
     for i in range(0, len(examples), batch):
         enc = tok([e.prompt for e in examples[i:i + batch]], return_tensors="pt", padding=True).to(dev)
-        model(**enc, use_cache=False)
+        model(**enc, use_cache=False, logits_to_keep=1)  # the plan is all we need: skip the vocabulary projection
         plans.extend(tuple(p) for p in handle.last_plans)
     handle.config.skip_bias = 0.0
     return plans

@@ -18,6 +18,7 @@ import datetime
 import json
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -28,7 +29,7 @@ import retrofit  # noqa: E402
 from bench_drllm_eval import router_plans, score, static_k, summary  # noqa: E402
 from retrofit.core.data import load_task  # noqa: E402
 from retrofit.eval.static_prune import block_influence, calibration_texts, plan_from_scores  # noqa: E402
-from retrofit.methods.drllm.train import TrainConfig, train_from_searches  # noqa: E402
+from retrofit.methods.drllm.train import TrainConfig, collect, shrink_routers, train_from_searches  # noqa: E402
 from retrofit.models import load_model  # noqa: E402
 from retrofit.search.diagnostics import label_diagnostics, label_shares, voted_plan  # noqa: E402
 from retrofit.search.evaluator import PlanEvaluator  # noqa: E402
@@ -44,6 +45,11 @@ def main():
     ap.add_argument("--limit", type=int, default=None, help="validation questions (default: all 570)")
     ap.add_argument("--bottleneck", type=int, default=128, help="router MLP width (the paper's 128)")
     ap.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (the paper's 0.01)")
+    ap.add_argument("--shrink", type=float, nargs="*", default=[1.0],
+                    help="score each variant with its routers' per-question deviation from their mean logits scaled "
+                         "by these factors (1 = as trained, 0 = the static plan of the mean logits)")
+    ap.add_argument("--shrink-examples", type=int, default=300,
+                    help="training questions whose all-execute features give the routers' mean logits")
     ap.add_argument("--workdir", default="runs/drllm_variants")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/results/drllm_variants.json")
@@ -78,29 +84,41 @@ def main():
             name = f"{target}-{unl}" + (f"-b{args.bottleneck}-wd{args.weight_decay:g}"
                                          if (args.bottleneck, args.weight_decay) != (128, 0.01) else "")
             d = Path(args.workdir) / name
-            rep = train_from_searches(model, tok, args.search, d,
-                                      TrainConfig(target=target, unlabeled=unl, weight_decay=args.weight_decay),
-                                      bottleneck=args.bottleneck, progress=False)
-            h = retrofit.load(model, d)
-            try:
-                plans = {b: router_plans(model, tok, h, val, b) for b in args.skip_bias}
-                res = score(ev, val, {f"b{b:g}": plans[b] for b in args.skip_bias}, f"validation {name}")
-            finally:
-                h.detach()
-            curve, gains = [], []
-            for b in args.skip_bias:
-                s = summary(res[f"b{b:g}"], plans[b], L)
-                k = static_k(plans[b], L)
-                st = out["static"].get(k, base_acc if k == 0 else None)
-                vt = out["voted"].get(k, base_acc if k == 0 else None)
-                curve.append({"skip_bias": b, "acc": s["acc"], "layer_fraction": s["layer_fraction"], "k": k,
-                              "static_acc": st, "voted_acc": vt})
-                if st is not None and 0.8 <= s["layer_fraction"] <= 0.97:
-                    gains.append(s["acc"] - st)
-            out["variants"][name] = {"curve": curve, "mean_gain_vs_static": sum(gains) / len(gains) if gains else None,
-                                     "n_points": len(gains), "best_epoch": rep["best_epoch"],
-                                     "val_labels_acc": rep["history"][rep["best_epoch"]]["val_acc"]}
-            print(name, json.dumps(out["variants"][name]["curve"]), out["variants"][name]["mean_gain_vs_static"])
+            cfg = TrainConfig(target=target, unlabeled=unl, weight_decay=args.weight_decay)
+            rep_path = d / "training_report.json"
+            rep = json.loads(rep_path.read_text()) if rep_path.is_file() else None
+            if rep is None or {**asdict(TrainConfig()), **rep.get("config", {})} != asdict(cfg) or rep.get("records_read") != len(recs):
+                rep = train_from_searches(model, tok, args.search, d, cfg, bottleneck=args.bottleneck, progress=False)
+            for alpha in args.shrink:
+                vname = name + (f"-shrink{alpha:g}" if alpha != 1.0 else "")
+                h = retrofit.load(model, d)
+                try:
+                    if alpha != 1.0:
+                        sub = [{**r, "plan": ["execute"] * L} for r in recs if r.get("found")][:args.shrink_examples]
+                        f, v, _ = collect(h, tok, sub, progress=False)
+                        shrink_routers(h.routers, f, v, alpha)
+                        del f, v
+                    plans = {b: router_plans(model, tok, h, val, b) for b in args.skip_bias}
+                    res = score(ev, val, {f"b{b:g}": plans[b] for b in args.skip_bias}, f"validation {vname}")
+                finally:
+                    h.detach()
+                curve, gains = [], []
+                for b in args.skip_bias:
+                    s = summary(res[f"b{b:g}"], plans[b], L)
+                    k = static_k(plans[b], L)
+                    st = out["static"].get(k, base_acc if k == 0 else None)
+                    vt = out["voted"].get(k, base_acc if k == 0 else None)
+                    curve.append({"skip_bias": b, "acc": s["acc"], "layer_fraction": s["layer_fraction"], "k": k,
+                                  "static_acc": st, "voted_acc": vt,
+                                  "distinct_plans": len(set(plans[b]))})
+                    if st is not None and 0.8 <= s["layer_fraction"] <= 0.97:
+                        gains.append(s["acc"] - st)
+                out["variants"][vname] = {"curve": curve,
+                                          "mean_gain_vs_static": sum(gains) / len(gains) if gains else None,
+                                          "n_points": len(gains), "best_epoch": rep["best_epoch"], "shrink": alpha,
+                                          "val_labels_acc": rep["history"][rep["best_epoch"]]["val_acc"]}
+                print(vname, json.dumps(out["variants"][vname]["curve"]), out["variants"][vname]["mean_gain_vs_static"],
+                      flush=True)
     out.update(search=args.search, seconds=round(time.time() - t0, 1), command="python " + " ".join(sys.argv),
                date=datetime.date.today().isoformat())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

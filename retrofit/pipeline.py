@@ -8,6 +8,7 @@ training is redone only when its artifact is missing, evaluation skips finished 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -17,8 +18,10 @@ import typer
 
 def run_pipeline(workdir: Path, train_examples: int = 32, test_examples: int = 100, simulations: int = 50,
                  seed: int = 0, task: str = "arc_easy", eval_task: str = "arc_easy", epochs: int = 25,
-                 model_name: str = "default", batch_size: int = 16) -> dict:
-    from retrofit.eval.plots import plot_action_heatmap, plot_accuracy_vs_layers
+                 model_name: str = "default", batch_size: int = 16, layer_fraction: float = 0.9,
+                 shrink: float = 0.0, target: str = "safety") -> dict:
+    from retrofit.eval.plots import plot_action_heatmap
+    from retrofit.eval.runner import RunExistsError, plot_accuracy_vs_layers
     from retrofit.eval.runner import evaluate
     from retrofit.eval.static_prune import plan_from_scores, block_influence, calibration_texts
     from retrofit.methods.drllm.train import TrainConfig, train_from_searches
@@ -40,11 +43,18 @@ def run_pipeline(workdir: Path, train_examples: int = 32, test_examples: int = 1
 
     routers = workdir / "routers"
     typer.echo("[2/4] training Dr.LLM routers on the searched plans")
+    # safety targets, pulled to their mean and calibrated to the budget: the recipe chosen on ARC-Easy validation
+    # (docs/drllm.md); target="shortest", shrink=1, layer_fraction=None is the paper's
+    cfg = TrainConfig(epochs=epochs, seed=seed, target=target, shrink=shrink, layer_fraction=layer_fraction)
     if not (routers / "retrofit.json").is_file():
-        rep = train_from_searches(model, tok, [workdir / "search.jsonl"], routers,
-                                  TrainConfig(epochs=epochs, seed=seed))
+        rep = train_from_searches(model, tok, [workdir / "search.jsonl"], routers, cfg)
     else:
         rep = json.loads((routers / "training_report.json").read_text())
+        old = {**dataclasses.asdict(TrainConfig()), **rep.get("config", {})}
+        if old != dataclasses.asdict(cfg):
+            changed = sorted(k for k in old if old[k] != dataclasses.asdict(cfg).get(k))
+            raise RunExistsError(f"{routers} holds routers trained with other settings ({', '.join(changed)}); "
+                                 f"delete {routers} and {workdir / 'eval'} to retrain")
     typer.echo(f"      {rep['train_examples']} train / {rep['val_examples']} val examples, "
                f"{len(rep['history'])} epochs, label layer fraction {rep['label_layer_fraction']:.3f}")
 
@@ -102,11 +112,22 @@ def register(app: typer.Typer) -> None:
         simulations: int = typer.Option(50, help="MCTS simulations per question (the paper's 50)"),
         seed: int = typer.Option(0),
         model: str = typer.Option("default", help="'default' (SmolLM2-135M-Instruct) or a local folder"),
+        layer_fraction: float = typer.Option(0.9, help="the routers' budget: share of the block passes executed "
+                                             "on the training prompts (sets the artifact's skip_bias)"),
+        shrink: float = typer.Option(0.0, help="scale of the routers' per-question deviation from their mean "
+                                     "logits (0: the labels' static plan, 1: as trained)"),
+        target: str = typer.Option("safety", help="router labels: 'safety', 'shortest' (the paper) or 'soft'"),
     ):
         """Search -> train -> evaluate Dr.LLM routers on the default model and a slice of ARC-Easy (minutes)."""
         from retrofit.eval.runner import RunExistsError
+        from retrofit.methods.drllm.train import TrainConfig
 
         try:
-            run_pipeline(workdir, train_examples, test_examples, simulations, seed, model_name=model)
+            TrainConfig(target=target, shrink=shrink, layer_fraction=layer_fraction)
+        except ValueError as e:  # a bad training option, named by TrainConfig
+            raise typer.BadParameter(str(e)) from None
+        try:
+            run_pipeline(workdir, train_examples, test_examples, simulations, seed, model_name=model,
+                         layer_fraction=layer_fraction, shrink=shrink, target=target)
         except RunExistsError as e:  # an earlier run's results with other settings: never replaced silently
             raise typer.BadParameter(f"{e} (or use another --workdir)") from None

@@ -147,3 +147,70 @@ def test_unlabeled_questions_are_dropped_or_taught_to_execute(tmp_path):
     assert drop["examples"] == 12 and keep["examples"] == 16
     assert keep["label_counts"]["execute"] == drop["label_counts"]["execute"] + 4 * 4
     assert drop["label_counts"]["skip"] == keep["label_counts"]["skip"]
+
+
+def test_shrink_pulls_logits_toward_their_mean_exactly():
+    from retrofit.methods.drllm.router import RouterBank
+    from retrofit.methods.drllm.train import shrink_routers
+
+    torch.manual_seed(0)
+    L, W, d = 3, 4, 16
+    feats = torch.randn(20, L, W, d)
+    valid = torch.ones(20, L, W, dtype=torch.bool)
+    valid[:5, :, 2:] = False  # short prompts: fewer valid windows
+    bank = RouterBank(L, d, bottleneck=8)
+    for p in bank.parameters():  # non-zero biases too
+        torch.nn.init.normal_(p)
+    with torch.no_grad():
+        before = bank(feats, valid)
+        mean = before.mean(0)
+        for alpha in (0.0, 0.3, 1.0):
+            b = RouterBank(L, d, bottleneck=8)
+            b.load_state_dict(bank.state_dict())
+            got_mean = shrink_routers(b, feats, valid, alpha)
+            after = b(feats, valid)
+            assert torch.allclose(got_mean, mean, atol=1e-5)
+            assert torch.allclose(after, mean + alpha * (before - mean), atol=1e-5)
+        assert (before.std(0) > 0.1).all()  # the routers did react per example before the shrink
+    with pytest.raises(ValueError, match="shrink"):
+        shrink_routers(bank, feats, valid, 1.5)
+    with pytest.raises(ValueError, match="shrink"):
+        TrainConfig(shrink=-0.1)
+
+
+def test_layer_fraction_calibrates_the_artifacts_skip_bias(tmp_path):
+    from retrofit.methods.drllm.router import RouterBank
+    from retrofit.methods.drllm.train import calibrate_skip_bias
+
+    torch.manual_seed(1)
+    L, W, d = 6, 4, 16
+    feats, valid = torch.randn(40, L, W, d), torch.ones(40, L, W, dtype=torch.bool)
+    bank = RouterBank(L, d, bottleneck=8)
+    for target in (0.95, 0.8, 0.5):
+        b, reached = calibrate_skip_bias(bank, feats, valid, target)
+        a = (bank(feats, valid) + torch.tensor([b, 0.0, 0.0])).argmax(-1)
+        got = float(((a == 1).sum() + 2 * (a == 2).sum()) / a.numel())
+        assert got == pytest.approx(reached) and got >= target
+        assert got - target < 0.05  # 240 decisions: the bisection stops within a few decisions of the target
+    with pytest.raises(ValueError, match="layer fraction"):
+        calibrate_skip_bias(bank, feats, valid, 2.5)
+
+    # end to end: shrink 0 leaves one static plan, and the saved skip_bias makes it execute >= 0.75 of the passes
+    model = tiny_model("llama")
+    _fake_search_file(tmp_path / "s.jsonl", 32, 4)
+    cfg = TrainConfig(epochs=5, lr=1e-2, warmup_steps=2, layer_fraction=0.75, shrink=0.0)
+    rep = train_from_searches(model, _Tok(), [tmp_path / "s.jsonl"], tmp_path / "r", cfg, num_windows=4,
+                              bottleneck=8, progress=False)
+    saved = json.loads((tmp_path / "r" / "retrofit.json").read_text())
+    assert saved["config"]["skip_bias"] == pytest.approx(rep["calibrated"]["skip_bias"])
+    assert rep["calibrated"]["layer_fraction"] >= 0.75 and rep["config"]["shrink"] == 0.0
+    h = retrofit.load(model, tmp_path / "r")
+    plans = set()
+    for r in read_searches([tmp_path / "s.jsonl"])[:8]:
+        with torch.no_grad():
+            model(_Tok()(r["prompt"]).input_ids)
+        plans.add(tuple(h.last_plans[0]))
+    assert len(plans) == 1  # shrink 0: the same plan for every prompt
+    (plan,) = plans
+    assert sum({"skip": 0, "execute": 1, "repeat": 2}[a] for a in plan) / len(plan) == pytest.approx(
+        rep["calibrated"]["layer_fraction"])

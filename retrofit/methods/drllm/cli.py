@@ -28,6 +28,12 @@ def register(app: typer.Typer) -> None:
                                    "'safety': per layer, how often the search's plans that skip it were rewarded"),
         unlabeled: str = typer.Option(TrainConfig.unlabeled, help="questions with no rewarded plan: 'drop' (the "
                                       "paper) or 'execute' (taught the all-execute plan)"),
+        shrink: float = typer.Option(TrainConfig.shrink, help="after training, scale each router's per-question "
+                                     "deviation from its mean logits by this factor in [0, 1] (1: as trained, the "
+                                     "paper; 0: the static plan the mean logits choose)"),
+        layer_fraction: float = typer.Option(None, "--layer-fraction", help="set the artifact's default skip_bias "
+                                             "so that the routers execute this share of the block passes on the "
+                                             "training prompts (e.g. 0.9); default: skip_bias 0"),
         device: str = typer.Option("cpu", help="where features are collected and routers trained (cpu, cuda)"),
     ):
         """Train per-layer Dr.LLM routers on searched plans (focal loss, class-balanced, teacher forcing)."""
@@ -37,7 +43,7 @@ def register(app: typer.Typer) -> None:
         files = sorted({f for pat in searches for f in (glob.glob(pat) or [pat])})
         try:
             cfg = TrainConfig(lr=lr, batch_size=batch_size, epochs=epochs, gamma=gamma, seed=seed, target=target,
-                              unlabeled=unlabeled)
+                              unlabeled=unlabeled, shrink=shrink, layer_fraction=layer_fraction)
         except ValueError as e:
             raise typer.BadParameter(str(e)) from None
         m, tok = load_model(model)
@@ -49,4 +55,8 @@ def register(app: typer.Typer) -> None:
                    f"final train loss {last['train_loss']:.4f}, val loss {last['val_loss']}; "
                    f"predicted layer fraction {rep['predicted_layer_fraction']:.3f} "
                    f"(labels {rep['label_layer_fraction']:.3f})")
+        if rep.get("calibrated"):
+            c = rep["calibrated"]
+            typer.echo(f"default skip_bias {c['skip_bias']:.3f}: layer fraction {c['layer_fraction']:.3f} on the "
+                       "training prompts")
         typer.echo(f"routers saved to {out}")

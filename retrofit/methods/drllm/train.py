@@ -47,6 +47,16 @@ class TrainConfig:
     # questions whose search found no rewarded plan: "drop" (the paper) or "execute" (taught the all-execute plan,
     # so the routers also see the questions on which skipping fails)
     unlabeled: str = "drop"
+    # after training, each router's logits are pulled toward their mean over the training examples:
+    # logits = mean + shrink * (logits - mean). 1.0 keeps the trained routers (the paper); 0.0 leaves the static
+    # plan the routers' mean logits choose at each skip_bias. Where the labels' per-question signal is weak
+    # (two seeds' labels agree per layer barely above chance on SmolLM2), a small value keeps the layers the
+    # labels mostly skip and lets the routers decide per question only near the threshold. See docs/drllm.md.
+    shrink: float = 1.0
+    # when set, the artifact's default skip_bias is chosen so that the routers execute this share of the block
+    # passes on the training prompts (features under the all-execute plan; exact for shrink 0, an estimate
+    # otherwise: ``stats()`` reports the realised share). None keeps skip_bias 0 (the paper).
+    layer_fraction: float | None = None
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -57,6 +67,8 @@ class TrainConfig:
             "lr": self.lr > 0, "weight_decay": self.weight_decay >= 0, "batch_size": self.batch_size >= 1,
             "epochs": self.epochs >= 1, "warmup_steps": self.warmup_steps >= 0, "gamma": self.gamma >= 0,
             "beta": 0 <= self.beta < 1, "val_fraction": 0 <= self.val_fraction < 1, "patience": self.patience >= 1,
+            "shrink": 0 <= self.shrink <= 1,
+            "layer_fraction": self.layer_fraction is None or 0 < self.layer_fraction <= 2,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -221,9 +233,17 @@ def train_routers(handle, features, valid, labels, cfg: TrainConfig, progress: b
     if best_state is not None:
         routers.load_state_dict(best_state)
     routers.eval().requires_grad_(False)
+    if cfg.shrink != 1.0:
+        shrink_routers(routers, features, valid, cfg.shrink)
+    calibrated = None
+    if cfg.layer_fraction is not None:
+        b, reached = calibrate_skip_bias(routers, features, valid, cfg.layer_fraction)
+        handle.config.skip_bias = b
+        calibrated = {"skip_bias": b, "layer_fraction": reached}
     with torch.no_grad():
         pred = routers(features, valid).argmax(-1)
     return {
+        "calibrated": calibrated,
         "config": asdict(cfg),
         "examples": N,
         "train_examples": len(tr_idx),
@@ -236,6 +256,51 @@ def train_routers(handle, features, valid, labels, cfg: TrainConfig, progress: b
         "predicted_layer_fraction": float(((pred == 1).sum() + 2 * (pred == 2).sum()) / pred.numel()),
         "label_layer_fraction": float(((hard == 1).sum() + 2 * (hard == 2).sum()) / hard.numel()),
     }
+
+
+@torch.no_grad()
+def shrink_routers(routers, features: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Pull every router's logits toward their mean over ``features`` [N, L, W, d] (``valid`` [N, L, W]), in place:
+    logits' = mean + alpha * (logits - mean), exactly, because fc2 is linear in the window-averaged hidden units:
+    fc2.weight <- alpha * fc2.weight, fc2.bias <- fc2.bias + (1 - alpha) * fc2.weight @ mean hidden. Returns the
+    mean logits [L, 3] (unchanged by the shrink)."""
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"shrink must lie in [0, 1], got {alpha!r}")
+    F = nn.functional
+    means = []
+    for i, r in enumerate(routers.router):
+        hid = F.gelu(F.linear(features[:, i].float(), r.fc1.weight, r.fc1.bias), approximate="tanh")  # [N, W, b]
+        v = valid[:, i].to(hid.dtype).unsqueeze(-1)
+        hbar = ((hid * v).sum(1) / v.sum(1).clamp(min=1)).mean(0)
+        mean_logit = r.fc2.weight @ hbar + r.fc2.bias
+        r.fc2.bias.add_((1 - alpha) * (r.fc2.weight @ hbar))
+        r.fc2.weight.mul_(alpha)
+        means.append(mean_logit)
+    return torch.stack(means)
+
+
+@torch.no_grad()
+def calibrate_skip_bias(routers, features: torch.Tensor, valid: torch.Tensor, layer_fraction: float,
+                        repeat_bias: float = 0.0) -> tuple[float, float]:
+    """The skip_bias at which the routers execute ``layer_fraction`` of the block passes on ``features``
+    (bisection; the share falls as the bias grows). Returns (skip_bias, the share reached there)."""
+    logits = routers(features, valid)  # [N, L, 3]
+
+    def share(b: float) -> float:
+        a = (logits + torch.tensor([b, 0.0, repeat_bias], device=logits.device)).argmax(-1)
+        return float(((a == 1).sum() + 2 * (a == 2).sum()) / a.numel())
+
+    lo, hi = -50.0, 50.0  # share(lo) >= share(hi)
+    if share(hi) > layer_fraction or share(lo) < layer_fraction:
+        raise ValueError(f"the routers cannot reach a layer fraction of {layer_fraction} with any skip_bias "
+                         f"(from {share(hi):.3f} to {share(lo):.3f}); choose a value in that range")
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        if share(mid) >= layer_fraction:
+            lo = mid
+        else:
+            hi = mid
+    return lo, share(lo)
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:

@@ -538,3 +538,48 @@ def test_serve_cli_refuses_an_architecture_the_plugin_does_not_serve(tmp_path):
     _, folder = _model_folder(tmp_path, "olmoe")
     res = _serve(["--model", str(folder), "--plan", "e" * 4])
     assert res.exit_code == 2 and "not OlmoeForCausalLM" in res.output and "Traceback" not in res.raw, res.raw
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def _gpt2_folder(tmp_path):
+    """A model folder of a family retrofit does not support (GPT-2), with a tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=64)).save_pretrained(folder)
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[UNK]").save_pretrained(folder)
+    return folder
+
+
+def test_cli_model_mistakes_are_one_line_errors(tmp_path, shared_data):
+    (tmp_path / "empty").mkdir()
+    cases = [(str(tmp_path / "nowhere"), "not found: give 'default' or a local folder"),
+             (str(tmp_path / "empty"), "has no config.json"),
+             (str(_gpt2_folder(tmp_path)), "Supported families")]
+    for model, msg in cases:
+        for cmd in (["search", "--task", "arc_easy", "--limit", "1", "--out", str(tmp_path / "s.jsonl")],
+                    ["eval", "--tasks", "arc_easy", "--method", "drllm", "--limit", "1", "--out", str(tmp_path / "e"),
+                     "--no-plot", "--data", str(shared_data)]):
+            res = _cli([*cmd, "--model", model], env={"RETROFIT_DATA": str(shared_data)})
+            assert res.exit_code == 2 and msg in res.output and "Traceback" not in res.raw, (cmd, model, res.raw)
+    res = _cli(["search", "--task", "arc_easy", "--budget", "abc", "--out", str(tmp_path / "s.jsonl")])
+    assert res.exit_code == 2 and "budget 'abc'" in res.output, res.raw
+
+
+def test_every_command_turns_user_errors_into_one_line():
+    from retrofit.cli import app
+
+    def commands(a):
+        for c in a.registered_commands:
+            yield c
+        for g in a.registered_groups:
+            yield from commands(g.typer_instance)
+
+    unwrapped = [c.name or c.callback.__name__ for c in commands(app)
+                 if not getattr(c.callback, "_retrofit_wrapped", False)]
+    assert not unwrapped

@@ -135,10 +135,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     command line prints them as one line and exits 2, without a traceback."""
     from retrofit.arch import UnsupportedModelError
     from retrofit.artifacts import ArtifactError
-    from retrofit.core.data import TaskDataError
+    from retrofit.core.data import SearchFileError, TaskDataError
     from retrofit.models import ModelLoadError
 
-    return ModelLoadError, UnsupportedModelError, ArtifactError, TaskDataError
+    return ModelLoadError, UnsupportedModelError, ArtifactError, TaskDataError, SearchFileError
 
 
 def _one_line_errors(callback):

@@ -583,3 +583,68 @@ def test_every_command_turns_user_errors_into_one_line():
     unwrapped = [c.name or c.callback.__name__ for c in commands(app)
                  if not getattr(c.callback, "_retrofit_wrapped", False)]
     assert not unwrapped
+
+
+# ---------------------------------------------------------------------------------------------- search files
+
+
+def _toy_search(tmp_path, name, **kw):
+    from retrofit.search.mcts import MCTSConfig
+    from retrofit.search.run import search_examples
+    from retrofit.testing.search_toys import CharTokenizer, toy_examples
+
+    m = tiny_model("llama", seed=0, initializer_range=0.5)
+    tok = CharTokenizer(m.config.vocab_size)
+    return search_examples(m, tok, toy_examples(4), tmp_path / name, cfg=MCTSConfig(simulations=6), seed=0,
+                           progress=False, **kw)
+
+
+def test_two_searches_on_one_out_file_are_refused(tmp_path):
+    from retrofit.search.run import SearchLockedError, output_lock
+
+    out = tmp_path / "s.jsonl"
+    with output_lock(out):  # another search holds the file
+        with pytest.raises(SearchLockedError, match=r"another `retrofit search` \(pid \d+\) is writing"):
+            _toy_search(tmp_path, "s.jsonl")
+    assert not out.exists() or out.read_text() == ""  # nothing written twice
+    assert len(_toy_search(tmp_path, "s.jsonl")) == 4  # the lock is gone with its holder
+    assert len(out.read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize("damage", ["middle", "torn_with_newline", "not_an_object"])
+def test_damaged_search_lines_are_named_and_repair_loses_nothing_computed(tmp_path, damage):
+    from retrofit.core.data import SearchFileError, read_search_records
+
+    clean = _toy_search(tmp_path, "clean.jsonl")
+    out = tmp_path / "s.jsonl"
+    lines = (tmp_path / "clean.jsonl").read_text().splitlines(keepends=True)
+    if damage == "middle":
+        lines[1] = lines[1][: len(lines[1]) // 2] + "}\n"
+    elif damage == "torn_with_newline":
+        lines[3] = lines[3][:40] + "\n"
+    else:
+        lines[2] = "[1, 2]\n"
+    bad_line = {"middle": 2, "torn_with_newline": 4, "not_an_object": 3}[damage]
+    out.write_text("".join(lines))
+    with pytest.raises(SearchFileError, match=rf"s.jsonl:{bad_line}: .*--repair"):
+        read_search_records(out)
+    with pytest.raises(SearchFileError, match=rf"s.jsonl:{bad_line}:"):
+        _toy_search(tmp_path, "s.jsonl")
+    kept = [ln for i, ln in enumerate(lines, 1) if i != bad_line]
+    assert out.read_text() == "".join(lines)  # refused: nothing touched
+    res = _cli(["train", "--searches", str(out), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and f"s.jsonl:{bad_line}:" in res.output and "Traceback" not in res.raw, res.raw
+    recs = _toy_search(tmp_path, "s.jsonl", repair=True)
+    assert (tmp_path / "s.jsonl.dropped").read_text() == lines[bad_line - 1]
+    assert out.read_text().startswith("".join(kept))  # every good record kept, in order; the dropped one redone
+    assert [r["plan"] for r in recs] == [r["plan"] for r in clean]
+
+
+def test_search_repair_command(tmp_path):
+    out = tmp_path / "s.jsonl"
+    out.write_text('{"index": 0, "id": "a"}\n{"index": 1, "id"\n{"index": 2, "id": "c"}\n{"index": 3')
+    res = _cli(["search-repair", str(out)])
+    assert res.exit_code == 0 and "dropped lines [2, 4]" in res.output, res.raw
+    assert out.read_text() == '{"index": 0, "id": "a"}\n{"index": 2, "id": "c"}\n'
+    assert (tmp_path / "s.jsonl.dropped").read_text() == '{"index": 1, "id"\n{"index": 3\n'
+    assert "nothing to repair" in _cli(["search-repair", str(out)]).output

@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("cpu", help="where features are collected and routers trained (cpu, cuda)"),
     ):
         """Train per-layer Dr.LLM routers on searched plans (focal loss, class-balanced, teacher forcing)."""
+        from retrofit.core.data import read_searches
         from retrofit.methods.drllm.train import train_from_searches
         from retrofit.models import load_model
 
@@ -38,7 +39,8 @@ def register(app: typer.Typer) -> None:
         try:
             cfg = TrainConfig(lr=lr, batch_size=batch_size, epochs=epochs, gamma=gamma, seed=seed, target=target,
                               unlabeled=unlabeled)
-        except ValueError as e:
+            read_searches(files)  # damaged lines / missing files named now, not after the model loads
+        except (ValueError, FileNotFoundError) as e:
             raise typer.BadParameter(str(e)) from None
         m, tok = load_model(model)
         m.to(device)

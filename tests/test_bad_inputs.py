@@ -648,3 +648,30 @@ def test_search_repair_command(tmp_path):
     assert out.read_text() == '{"index": 0, "id": "a"}\n{"index": 2, "id": "c"}\n'
     assert (tmp_path / "s.jsonl.dropped").read_text() == '{"index": 1, "id"\n{"index": 3\n'
     assert "nothing to repair" in _cli(["search-repair", str(out)]).output
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_killed_training_resumes_from_its_checkpoint_with_the_same_result(tmp_path):
+    from test_drllm_train import _fake_search_file, _Tok
+
+    from retrofit.methods.drllm.train import CHECKPOINT_NAME, CheckpointError, TrainConfig, train_from_searches
+
+    _fake_search_file(tmp_path / "s.jsonl", 32, 4)
+    cfg = TrainConfig(epochs=6, lr=1e-2, patience=6, warmup_steps=2)
+    kw = dict(num_windows=4, bottleneck=16, progress=False)
+    model = tiny_model("llama")
+    full = train_from_searches(model, _Tok(), [tmp_path / "s.jsonl"], tmp_path / "full", cfg, **kw)
+    assert not (tmp_path / "full" / CHECKPOINT_NAME).exists()  # removed once the artifact is saved
+    part = train_from_searches(model, _Tok(), [tmp_path / "s.jsonl"], tmp_path / "r", cfg, stop_after=3, **kw)
+    assert part["interrupted"] and len(part["history"]) == 3
+    assert (tmp_path / "r" / CHECKPOINT_NAME).is_file() and not (tmp_path / "r" / TENSORS_NAME).exists()
+    with pytest.raises(CheckpointError, match="another training run.*--no-resume"):
+        train_from_searches(model, _Tok(), [tmp_path / "s.jsonl"], tmp_path / "r",
+                            dataclasses.replace(cfg, lr=2e-2), **kw)
+    rest = train_from_searches(model, _Tok(), [tmp_path / "s.jsonl"], tmp_path / "r", cfg, **kw)
+    assert rest["resumed_from_epoch"] == 3
+    assert rest["history"] == full["history"] and rest["best_epoch"] == full["best_epoch"]
+    a, b = load_file(str(tmp_path / "full" / TENSORS_NAME)), load_file(str(tmp_path / "r" / TENSORS_NAME))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -675,3 +675,8 @@ def test_killed_training_resumes_from_its_checkpoint_with_the_same_result(tmp_pa
     assert rest["history"] == full["history"] and rest["best_epoch"] == full["best_epoch"]
     a, b = load_file(str(tmp_path / "full" / TENSORS_NAME)), load_file(str(tmp_path / "r" / TENSORS_NAME))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_serve_cli_names_the_unserved_architecture_first(tmp_path):
+    res = _serve(["--model", str(_gpt2_folder(tmp_path)), "--plan", "ee"])
+    assert res.exit_code == 2 and "not GPT2LMHeadModel" in res.output and "Traceback" not in res.raw, res.raw

@@ -39,9 +39,9 @@ def register(app: typer.Typer) -> None:
         repeat, router shapes, base-model fingerprint); a problem is a one-line error (exit 2).
         """
         from retrofit.artifacts import ArtifactError, read_meta
-        from retrofit.serve.check import check_server_setup, model_shape
+        from retrofit.serve.check import check_server_setup, model_shape, servable_method
         from retrofit.serve.config import ServeConfigError, parse_serve_config
-        from retrofit.serve.launch import server_command, server_env
+        from retrofit.serve.launch import retrofit_architecture, server_command, server_env
 
         if plan is not None:
             given = [o for o, v in (("--artifact", artifact), ("--request-plans", request_plans),
@@ -58,10 +58,6 @@ def register(app: typer.Typer) -> None:
         elif not (Path(model) / "config.json").is_file():
             raise typer.BadParameter(f"{model!r} is not a model folder with a config.json; give 'default' or a "
                                      "local Hugging Face model folder", param_hint="--model")
-        try:
-            _, num_layers, _ = model_shape(model)
-        except ServeConfigError as e:
-            raise typer.BadParameter(str(e), param_hint="--model") from None
         arts = {}
         for a in artifact:
             name, sep, path = a.partition("=")
@@ -70,13 +66,20 @@ def register(app: typer.Typer) -> None:
             if name in arts:
                 raise typer.BadParameter(f"artifact name {name!r} is given twice", param_hint="--artifact")
             try:
-                cfg = read_meta(path)["config"]
+                meta = read_meta(path)
+                servable_method(name, path, meta)  # a reroute / steer artifact: said before the model's faults
+                cfg = meta["config"]
             except ArtifactError as e:
                 raise typer.BadParameter(f"{name}: {e}", param_hint="--artifact") from None
             spec = {"path": str(Path(path).resolve())}
             if cfg.get("allow_repeat", False) and cfg.get("plan") is None:  # routers: serve with repeat masked
                 spec["allow_repeat"] = False
             arts[name] = spec
+        try:
+            retrofit_architecture(model)
+            _, num_layers, _ = model_shape(model)
+        except (ServeConfigError, ValueError) as e:
+            raise typer.BadParameter(str(e), param_hint="--model") from None
         cfg = {"artifacts": arts, "default": default, "allow_request_plans": request_plans}
         if plan is not None:
             cfg = {"plan": plan}

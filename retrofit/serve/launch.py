@@ -23,8 +23,11 @@ ARCH = "RetrofitLlamaForCausalLM"
 
 def retrofit_architecture(model: str) -> str:
     """The retrofit architecture name for a model folder (its config's first architecture, prefixed)."""
-    cfg = json.loads((Path(model) / "config.json").read_text())
-    arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
+    try:
+        cfg = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{model}/config.json cannot be read ({e})") from None
+    arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0] if isinstance(cfg, dict) else "?"
     from retrofit.serve.vllm_plugin import ARCHITECTURES
 
     name = f"Retrofit{arch}"

@@ -310,7 +310,8 @@ def main():
                "seconds": round(time.time() - t0),
                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"summary": summary, "probes": RESULTS}, indent=1, ensure_ascii=False) + "\n")
+    text = json.dumps({"summary": summary, "probes": RESULTS}, indent=1, ensure_ascii=False)
+    Path(a.out).write_text(text.replace(str(tmp), "T") + "\n")  # T: the temporary folder
     print(json.dumps(summary))
     print("\n| probe | input | outcome | first line of the message | traceback | earlier results |")
     print("|---|---|---|---|---|---|")

@@ -680,3 +680,24 @@ def test_killed_training_resumes_from_its_checkpoint_with_the_same_result(tmp_pa
 def test_serve_cli_names_the_unserved_architecture_first(tmp_path):
     res = _serve(["--model", str(_gpt2_folder(tmp_path)), "--plan", "ee"])
     assert res.exit_code == 2 and "not GPT2LMHeadModel" in res.output and "Traceback" not in res.raw, res.raw
+
+
+def test_static_server_worker_ends_requests_with_retrofit_arguments():
+    """Offline (the front end sees no config) a request to a one-plan engine that asks for an artifact or a plan
+    is ended by the worker instead of being answered under the server's plan."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from retrofit.serve.vllm_model import RetrofitController
+    from retrofit.serve.vllm_state import RowState
+
+    vcfg = SimpleNamespace(model_config=SimpleNamespace(hf_config=SimpleNamespace(retrofit={"plan": "eses"})),
+                           compilation_config=SimpleNamespace(mode=3),
+                           cache_config=SimpleNamespace(enable_prefix_caching=True),
+                           scheduler_config=SimpleNamespace(enable_chunked_prefill=True))
+    ctl = RetrofitController(vcfg, 4, 16)
+    rows = [RowState({}, 3), None, RowState({"retrofit": "arc"}, 3), RowState({"retrofit_plan": "eeee"}, 3),
+            RowState({"retrofitt": "x"}, 3)]
+    ctl.check_static_rows(rows)
+    assert rows[0].error is None and rows[0].choice.kind == "default"
+    assert all("one static plan" in r.error for r in rows[2:4]) and "did you mean" in rows[4].error

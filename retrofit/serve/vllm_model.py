@@ -121,6 +121,19 @@ class RetrofitController:
             row.choice = parse_request_args(row.extra_args, self.cfg, self.num_layers)
         return row.choice
 
+    def check_static_rows(self, rows) -> None:
+        """One plan serves every request: a request that still sends retrofit arguments (only possible when the
+        front end could not see the config, e.g. offline with hf_overrides) is ended rather than answered under a
+        plan it did not ask for."""
+        for row in rows:
+            if row is None or row.choice is not None or row.error is not None:
+                continue
+            try:
+                row.choice = parse_request_args(row.extra_args, self.cfg, self.num_layers)
+            except ServeConfigError as e:
+                row.error = str(e)
+                log.error("retrofit: request ended: %s", e)
+
     def begin(self):
         md = get_forward_context().attn_metadata if is_forward_context_available() else None
         if isinstance(md, list):
@@ -129,6 +142,11 @@ class RetrofitController:
             self.steps += 1
             self.step = None
             if md:  # a real step (profiling and warm-up runs have no attention metadata)
+                from retrofit.serve.vllm_state import current_mirror
+
+                mirror = current_mirror()
+                if mirror is not None:
+                    self.check_static_rows(mirror.rows)
                 skipped = sum(self.static_skip)
                 tokens = int(next(iter(md.values())).query_start_loc[-1])
                 _METRICS.count(self.num_layers - skipped, skipped, tokens * skipped)

@@ -87,7 +87,8 @@ def main():
             cfg = TrainConfig(target=target, unlabeled=unl, weight_decay=args.weight_decay)
             rep_path = d / "training_report.json"
             rep = json.loads(rep_path.read_text()) if rep_path.is_file() else None
-            if rep is None or {**asdict(TrainConfig()), **rep.get("config", {})} != asdict(cfg) or rep.get("records_read") != len(recs):
+            same = rep is not None and {**asdict(TrainConfig()), **rep.get("config", {})} == asdict(cfg)
+            if not same or rep.get("records_read") != len(recs):
                 rep = train_from_searches(model, tok, args.search, d, cfg, bottleneck=args.bottleneck, progress=False)
             for alpha in args.shrink:
                 vname = name + (f"-shrink{alpha:g}" if alpha != 1.0 else "")

@@ -13,6 +13,7 @@ merge in order; options on the command line win. Unknown commands and options ar
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import json
@@ -129,9 +130,43 @@ def _has(mod: str) -> bool:
         return False
 
 
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean the user gave something wrong (a model, an artifact, a data file, a plan): the
+    command line prints them as one line and exits 2, without a traceback."""
+    from retrofit.arch import UnsupportedModelError
+    from retrofit.artifacts import ArtifactError
+    from retrofit.core.data import SearchFileError, TaskDataError
+    from retrofit.models import ModelLoadError
+
+    return ModelLoadError, UnsupportedModelError, ArtifactError, TaskDataError, SearchFileError
+
+
+def _one_line_errors(callback):
+    """Wrap a command so that a user mistake raised deep inside it is a usage error (exit 2, one line)."""
+    @functools.wraps(callback)
+    def run(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except _user_errors() as e:
+            raise typer.BadParameter(str(e).strip('"')) from None
+
+    return run
+
+
+def _wrap_commands(typer_app: typer.Typer) -> None:
+    for c in typer_app.registered_commands:
+        if c.callback is not None and not getattr(c.callback, "_retrofit_wrapped", False):
+            c.callback = _one_line_errors(c.callback)
+            c.callback._retrofit_wrapped = True
+    for g in typer_app.registered_groups:
+        if g.typer_instance is not None:
+            _wrap_commands(g.typer_instance)
+
+
 for _mod in _COMMAND_MODULES:
     if _has(_mod):
         importlib.import_module(_mod).register(app)
+_wrap_commands(app)
 
 
 if __name__ == "__main__":

@@ -57,6 +57,10 @@ def default_model_dir() -> Path:
     return out
 
 
+class ModelLoadError(FileNotFoundError):
+    """``--model`` names no loadable model (missing folder, no config.json, weights transformers cannot read)."""
+
+
 def load_model(name_or_path: str = "default", dtype: torch.dtype = torch.float32):
     """(model, tokenizer) for ``"default"`` (SmolLM2-135M-Instruct) or a local Hugging Face folder.
 
@@ -66,14 +70,21 @@ def load_model(name_or_path: str = "default", dtype: torch.dtype = torch.float32
 
     path = default_model_dir() if name_or_path in ("default", DEFAULT_NAME, None) else Path(name_or_path)
     if not Path(path).exists():
-        raise FileNotFoundError(
+        raise ModelLoadError(
             f"model {name_or_path!r} not found: give 'default' or a local folder with config.json and weights "
             "(nothing is downloaded from a hub)."
         )
-    tok = AutoTokenizer.from_pretrained(path)
+    if not (Path(path) / "config.json").is_file():
+        raise ModelLoadError(f"model {name_or_path!r}: {path} has no config.json; give 'default' or a local "
+                             "Hugging Face model folder (config.json, weights, tokenizer)")
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError, KeyError) as e:  # no weights / tokenizer, an unknown model type, a bad config
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"model {name_or_path!r} ({path}) could not be loaded by transformers: {first}") from e
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.eval().requires_grad_(False)
     return model, tok

@@ -360,3 +360,344 @@ def test_misa_distill_honours_retrofit_data(tmp_path, monkeypatch):
 def test_eval_config_mistakes_are_one_line_errors(tmp_path, args, msg):
     res = _cli(["eval", "--tasks", "arc_easy", "--out", str(tmp_path), "--no-plot", *args])
     assert res.exit_code == 2 and msg in res.output and "Traceback" not in res.raw, res.raw
+
+
+# ---------------------------------------------------------------------------------------------- serving
+# (the server-side ones, HTTP 400 from a running server, are in tests/test_vllm_serve.py)
+
+
+def _model_folder(tmp_path, family="llama", seed=0, **kw):
+    """A tiny model saved as a Hugging Face folder (what `retrofit serve --model` takes)."""
+    model = tiny_model(family, seed=seed, **kw)
+    folder = tmp_path / f"{family}-{seed}"
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def _serve(args):
+    return _cli(["serve", "--dry-run", *args])
+
+
+def test_serve_request_arguments_that_look_like_ours_or_do_not_fit_are_refused():
+    from retrofit.serve.config import ServeConfigError, parse_request_args, parse_serve_config
+
+    cfg = parse_serve_config({"artifacts": {"arc": "p"}, "allow_request_plans": True, "num_layers": 30})
+    for args, msg in [({"retrofitt": "arc"}, "did you mean 'retrofit'"),
+                      ({"retrofit_plans": "e" * 30}, "did you mean 'retrofit_plan'"),
+                      ({"Retrofit-Plan": "e" * 30}, "did you mean 'retrofit_plan'"),
+                      ({"retrofit": "arcc"}, r"unknown retrofit artifact 'arcc'; this server has \['arc'\]"),
+                      ({"retrofit_plan": "ee"}, "2 entries but the model has 30 decoder layers"),
+                      ({"retrofit_plan": ""}, "plan string is empty"),
+                      ({"retrofit_plan": []}, "0 entries but the model has 30")]:
+        with pytest.raises(ServeConfigError, match=msg):
+            parse_request_args(args, cfg)
+    assert parse_request_args({"retrofit": "arc", "top_k_extra": 1}, cfg).name == "arc"  # others' keys pass
+    static = parse_serve_config({"plan": "es"})
+    for args in ({"retrofit": "arc"}, {"retrofit": "none"}, {"retrofit_plan": "ee"}):
+        with pytest.raises(ServeConfigError, match="one static plan for every request"):
+            parse_request_args(args, static)
+    with pytest.raises(ServeConfigError, match="plan has 2 entries but the model has 3"):
+        parse_serve_config({"plan": "es", "num_layers": 3})
+    with pytest.raises(ServeConfigError, match="num_layers must be a positive integer"):
+        parse_serve_config({"plan": "es", "num_layers": "2"})
+
+
+def test_serve_front_end_reads_the_config_from_the_servers_hf_overrides(tmp_path, monkeypatch):
+    """The API front end never sees the model config: it reads the serve config from the api_server's own
+    --hf-overrides (as `retrofit serve` passes it) and the layer count from --model, so an unknown name or a
+    wrong-length plan is a 400 there, not an empty answer from the worker."""
+    from retrofit.serve.config import ENV, frontend_serve_config, is_vllm_server
+
+    monkeypatch.delenv(ENV, raising=False)
+    _, folder = _model_folder(tmp_path)
+    server = "/x/site-packages/vllm/entrypoints/openai/api_server.py"
+    ov = json.dumps({"architectures": ["RetrofitLlamaForCausalLM"],
+                     "retrofit": {"artifacts": {"arc": "p"}, "allow_request_plans": True}})
+    for argv in ([server, "--model", str(folder), "--hf-overrides", ov],
+                 [server, f"--hf-overrides={ov}", "--model", str(folder)],
+                 ["/venv/bin/vllm", "serve", str(folder), "--hf-overrides", ov]):
+        assert is_vllm_server(argv)
+        cfg, source = frontend_serve_config(argv)
+        assert source == "--hf-overrides" and sorted(cfg.artifacts) == ["arc"] and cfg.num_layers == 4, argv
+    assert frontend_serve_config(["script.py", "--hf-overrides", ov]) == (None, "")  # not a server: not ours
+    assert not is_vllm_server(["script.py"])
+
+
+def test_serve_front_end_refuses_what_the_server_would_ignore(tmp_path, monkeypatch):
+    pytest.importorskip("vllm")
+    import sys
+    from types import SimpleNamespace
+
+    from retrofit.serve import vllm_state
+    from retrofit.serve.config import ENV, ServeConfigError
+
+    monkeypatch.delenv(ENV, raising=False)
+    server = "/x/site-packages/vllm/entrypoints/openai/api_server.py"
+
+    def check(argv, args):
+        monkeypatch.setattr(sys, "argv", argv)
+        vllm_state._frontend_config.cache_clear()
+        try:
+            vllm_state.RetrofitBatchMirror.validate_params(SimpleNamespace(extra_args=args))
+        finally:
+            vllm_state._frontend_config.cache_clear()
+
+    with pytest.raises(ServeConfigError, match="did you mean 'retrofit'"):
+        check(["script.py"], {"retrofitt": "arc"})
+    with pytest.raises(ServeConfigError, match="without a retrofit serve config"):
+        check([server, "--model", "m"], {"retrofit": "arc"})
+    static = json.dumps({"architectures": ["RetrofitLlamaForCausalLM"], "retrofit": {"plan": "es"}})
+    with pytest.raises(ServeConfigError, match="one static plan for every request"):
+        check([server, "--hf-overrides", static], {"retrofit": "none"})
+    check([server, "--hf-overrides", static], {"temperature_boost": 1})  # other keys: nothing to say
+    check(["script.py"], {"retrofit": "anything"})  # offline LLM: the worker checks it
+
+
+def test_serve_cli_refuses_conflicting_options(tmp_path):
+    _, folder = _model_folder(tmp_path)
+    for extra, what in ((["--artifact", f"a={tmp_path}"], "--artifact"), (["--request-plans"], "--request-plans"),
+                        (["--default", "a"], "--default a")):
+        res = _serve(["--model", str(folder), "--plan", "eses", *extra])
+        assert res.exit_code == 2 and f"excludes {what}" in res.output and "Traceback" not in res.raw, res.raw
+    res = _serve(["--model", str(tmp_path / "nowhere")])
+    assert res.exit_code == 2 and "not a model folder" in res.output, res.raw
+
+
+def test_serve_cli_checks_everything_before_vllm_starts(tmp_path):
+    """Plan length and repeat, NaN tensors, a missing tensor file, another model's artifact, a non-drllm
+    artifact: each a one-line error (exit 2) from `retrofit serve --dry-run`, before vLLM would start."""
+    model, folder = _model_folder(tmp_path)
+    h = retrofit.attach(model, "drllm", bottleneck=8)
+    h.init_routers(seed=0)
+    h.save(tmp_path / "routers")
+    h.detach()
+    h = retrofit.attach(model, "drllm", plan=["execute", "skip", "execute", "execute"])
+    h.save(tmp_path / "static")
+    h.detach()
+    ok = _serve(["--model", str(folder), "--artifact", f"r={tmp_path / 'routers'}", "--artifact",
+                 f"p={tmp_path / 'static'}", "--request-plans"])
+    assert ok.exit_code == 0, ok.raw
+    assert "artifact p:" in ok.output and "3/4 layers executed" in ok.output and "routers" in ok.output
+    assert f"--served-model-name {folder.name}" in ok.output and "'num_layers': 4" not in ok.output
+    assert '"num_layers": 4' in ok.raw.replace("\\", "")
+
+    nan = tmp_path / "nan"
+    import shutil
+
+    shutil.copytree(tmp_path / "routers", nan)
+    t = load_file(str(nan / TENSORS_NAME))
+    k = sorted(t)[0]
+    t[k][0] = float("nan")
+    save_file(t, str(nan / TENSORS_NAME))
+    missing = tmp_path / "missing"
+    shutil.copytree(tmp_path / "routers", missing)
+    (missing / TENSORS_NAME).unlink()
+    other, _ = _model_folder(tmp_path, seed=1)
+    h = retrofit.attach(other, "drllm", bottleneck=8)
+    h.init_routers(seed=0)
+    h.save(tmp_path / "other")
+    h.detach()
+    for args, msg in [(["--plan", "eee"], "3 entries but the model has 4 decoder layers"),
+                      (["--plan", "eree"], "'repeat'"),
+                      (["--plan", "exq"], "letters"),
+                      (["--artifact", f"n={nan}"], "holds NaN or inf"),
+                      (["--artifact", f"m={missing}"], "is missing; the artifact is incomplete"),
+                      (["--artifact", f"o={tmp_path / 'other'}"], "made for another base model"),
+                      (["--artifact", f"x={tmp_path / 'nowhere'}"], "is not a retrofit artifact"),
+                      (["--artifact", "nofolder"], "use NAME=FOLDER")]:
+        res = _serve(["--model", str(folder), *args])
+        assert res.exit_code == 2 and msg in res.output and "Traceback" not in res.raw, (args, res.raw)
+
+
+def test_serve_cli_refuses_a_reroute_artifact(tmp_path):
+    model, folder = _model_folder(tmp_path, "olmoe")
+    h = retrofit.attach(model, "reroute", steps=1)
+    h.save(tmp_path / "reroute")
+    h.detach()
+    res = _serve(["--model", str(folder), "--artifact", f"x={tmp_path / 'reroute'}"])
+    assert res.exit_code == 2 and "is a 'reroute' artifact" in res.output and "Traceback" not in res.raw, res.raw
+
+
+def test_served_model_checks_the_configs_layer_count(tmp_path):
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from retrofit.serve.config import ServeConfigError
+    from retrofit.serve.vllm_model import RetrofitController
+
+    vcfg = SimpleNamespace(model_config=SimpleNamespace(hf_config=SimpleNamespace(
+        retrofit={"plan": "eses", "num_layers": 4})), compilation_config=SimpleNamespace(mode=0),
+        cache_config=SimpleNamespace(enable_prefix_caching=False),
+        scheduler_config=SimpleNamespace(enable_chunked_prefill=False))
+    with pytest.raises(ServeConfigError, match="num_layers=4 but the model has 6"):
+        RetrofitController(vcfg, 6, 16)
+    assert RetrofitController(vcfg, 4, 16).static_skip == [False, True, False, True]
+
+
+def test_serve_cli_refuses_an_architecture_the_plugin_does_not_serve(tmp_path):
+    _, folder = _model_folder(tmp_path, "olmoe")
+    res = _serve(["--model", str(folder), "--plan", "e" * 4])
+    assert res.exit_code == 2 and "not OlmoeForCausalLM" in res.output and "Traceback" not in res.raw, res.raw
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+
+def _gpt2_folder(tmp_path):
+    """A model folder of a family retrofit does not support (GPT-2), with a tokenizer."""
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, n_positions=64)).save_pretrained(folder)
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[UNK]").save_pretrained(folder)
+    return folder
+
+
+def test_cli_model_mistakes_are_one_line_errors(tmp_path, shared_data):
+    (tmp_path / "empty").mkdir()
+    cases = [(str(tmp_path / "nowhere"), "not found: give 'default' or a local folder"),
+             (str(tmp_path / "empty"), "has no config.json"),
+             (str(_gpt2_folder(tmp_path)), "Supported families")]
+    for model, msg in cases:
+        for cmd in (["search", "--task", "arc_easy", "--limit", "1", "--out", str(tmp_path / "s.jsonl")],
+                    ["eval", "--tasks", "arc_easy", "--method", "drllm", "--limit", "1", "--out", str(tmp_path / "e"),
+                     "--no-plot", "--data", str(shared_data)]):
+            res = _cli([*cmd, "--model", model], env={"RETROFIT_DATA": str(shared_data)})
+            assert res.exit_code == 2 and msg in res.output and "Traceback" not in res.raw, (cmd, model, res.raw)
+    res = _cli(["search", "--task", "arc_easy", "--budget", "abc", "--out", str(tmp_path / "s.jsonl")])
+    assert res.exit_code == 2 and "budget 'abc'" in res.output, res.raw
+
+
+def test_every_command_turns_user_errors_into_one_line():
+    from retrofit.cli import app
+
+    def commands(a):
+        for c in a.registered_commands:
+            yield c
+        for g in a.registered_groups:
+            yield from commands(g.typer_instance)
+
+    unwrapped = [c.name or c.callback.__name__ for c in commands(app)
+                 if not getattr(c.callback, "_retrofit_wrapped", False)]
+    assert not unwrapped
+
+
+# ---------------------------------------------------------------------------------------------- search files
+
+
+def _toy_search(tmp_path, name, **kw):
+    from retrofit.search.mcts import MCTSConfig
+    from retrofit.search.run import search_examples
+    from retrofit.testing.search_toys import CharTokenizer, toy_examples
+
+    m = tiny_model("llama", seed=0, initializer_range=0.5)
+    tok = CharTokenizer(m.config.vocab_size)
+    return search_examples(m, tok, toy_examples(4), tmp_path / name, cfg=MCTSConfig(simulations=6), seed=0,
+                           progress=False, **kw)
+
+
+def test_two_searches_on_one_out_file_are_refused(tmp_path):
+    from retrofit.search.run import SearchLockedError, output_lock
+
+    out = tmp_path / "s.jsonl"
+    with output_lock(out):  # another search holds the file
+        with pytest.raises(SearchLockedError, match=r"another `retrofit search` \(pid \d+\) is writing"):
+            _toy_search(tmp_path, "s.jsonl")
+    assert not out.exists() or out.read_text() == ""  # nothing written twice
+    assert len(_toy_search(tmp_path, "s.jsonl")) == 4  # the lock is gone with its holder
+    assert len(out.read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize("damage", ["middle", "torn_with_newline", "not_an_object"])
+def test_damaged_search_lines_are_named_and_repair_loses_nothing_computed(tmp_path, damage):
+    from retrofit.core.data import SearchFileError, read_search_records
+
+    clean = _toy_search(tmp_path, "clean.jsonl")
+    out = tmp_path / "s.jsonl"
+    lines = (tmp_path / "clean.jsonl").read_text().splitlines(keepends=True)
+    if damage == "middle":
+        lines[1] = lines[1][: len(lines[1]) // 2] + "}\n"
+    elif damage == "torn_with_newline":
+        lines[3] = lines[3][:40] + "\n"
+    else:
+        lines[2] = "[1, 2]\n"
+    bad_line = {"middle": 2, "torn_with_newline": 4, "not_an_object": 3}[damage]
+    out.write_text("".join(lines))
+    with pytest.raises(SearchFileError, match=rf"s.jsonl:{bad_line}: .*--repair"):
+        read_search_records(out)
+    with pytest.raises(SearchFileError, match=rf"s.jsonl:{bad_line}:"):
+        _toy_search(tmp_path, "s.jsonl")
+    kept = [ln for i, ln in enumerate(lines, 1) if i != bad_line]
+    assert out.read_text() == "".join(lines)  # refused: nothing touched
+    res = _cli(["train", "--searches", str(out), "--out", str(tmp_path / "r")])
+    assert res.exit_code == 2 and f"s.jsonl:{bad_line}:" in res.output and "Traceback" not in res.raw, res.raw
+    recs = _toy_search(tmp_path, "s.jsonl", repair=True)
+    assert (tmp_path / "s.jsonl.dropped").read_text() == lines[bad_line - 1]
+    assert out.read_text().startswith("".join(kept))  # every good record kept, in order; the dropped one redone
+    assert [r["plan"] for r in recs] == [r["plan"] for r in clean]
+
+
+def test_search_repair_command(tmp_path):
+    out = tmp_path / "s.jsonl"
+    out.write_text('{"index": 0, "id": "a"}\n{"index": 1, "id"\n{"index": 2, "id": "c"}\n{"index": 3')
+    res = _cli(["search-repair", str(out)])
+    assert res.exit_code == 0 and "dropped lines [2, 4]" in res.output, res.raw
+    assert out.read_text() == '{"index": 0, "id": "a"}\n{"index": 2, "id": "c"}\n'
+    assert (tmp_path / "s.jsonl.dropped").read_text() == '{"index": 1, "id"\n{"index": 3\n'
+    assert "nothing to repair" in _cli(["search-repair", str(out)]).output
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def test_killed_training_resumes_from_its_checkpoint_with_the_same_result(tmp_path):
+    from test_drllm_train import _fake_search_file, _Tok
+
+    from retrofit.methods.drllm.train import CHECKPOINT_NAME, CheckpointError, TrainConfig, train_from_searches
+
+    _fake_search_file(tmp_path / "s.jsonl", 32, 4)
+    cfg = TrainConfig(epochs=6, lr=1e-2, patience=6, warmup_steps=2)
+    kw = dict(num_windows=4, bottleneck=16, progress=False)
+    model = tiny_model("llama")
+    full = train_from_searches(model, _Tok(), [tmp_path / "s.jsonl"], tmp_path / "full", cfg, **kw)
+    assert not (tmp_path / "full" / CHECKPOINT_NAME).exists()  # removed once the artifact is saved
+    part = train_from_searches(model, _Tok(), [tmp_path / "s.jsonl"], tmp_path / "r", cfg, stop_after=3, **kw)
+    assert part["interrupted"] and len(part["history"]) == 3
+    assert (tmp_path / "r" / CHECKPOINT_NAME).is_file() and not (tmp_path / "r" / TENSORS_NAME).exists()
+    with pytest.raises(CheckpointError, match="another training run.*--no-resume"):
+        train_from_searches(model, _Tok(), [tmp_path / "s.jsonl"], tmp_path / "r",
+                            dataclasses.replace(cfg, lr=2e-2), **kw)
+    rest = train_from_searches(model, _Tok(), [tmp_path / "s.jsonl"], tmp_path / "r", cfg, **kw)
+    assert rest["resumed_from_epoch"] == 3
+    assert rest["history"] == full["history"] and rest["best_epoch"] == full["best_epoch"]
+    a, b = load_file(str(tmp_path / "full" / TENSORS_NAME)), load_file(str(tmp_path / "r" / TENSORS_NAME))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_serve_cli_names_the_unserved_architecture_first(tmp_path):
+    res = _serve(["--model", str(_gpt2_folder(tmp_path)), "--plan", "ee"])
+    assert res.exit_code == 2 and "not GPT2LMHeadModel" in res.output and "Traceback" not in res.raw, res.raw
+
+
+def test_static_server_worker_ends_requests_with_retrofit_arguments():
+    """Offline (the front end sees no config) a request to a one-plan engine that asks for an artifact or a plan
+    is ended by the worker instead of being answered under the server's plan."""
+    pytest.importorskip("vllm")
+    from types import SimpleNamespace
+
+    from retrofit.serve.vllm_model import RetrofitController
+    from retrofit.serve.vllm_state import RowState
+
+    vcfg = SimpleNamespace(model_config=SimpleNamespace(hf_config=SimpleNamespace(retrofit={"plan": "eses"})),
+                           compilation_config=SimpleNamespace(mode=3),
+                           cache_config=SimpleNamespace(enable_prefix_caching=True),
+                           scheduler_config=SimpleNamespace(enable_chunked_prefill=True))
+    ctl = RetrofitController(vcfg, 4, 16)
+    rows = [RowState({}, 3), None, RowState({"retrofit": "arc"}, 3), RowState({"retrofit_plan": "eeee"}, 3),
+            RowState({"retrofitt": "x"}, 3)]
+    ctl.check_static_rows(rows)
+    assert rows[0].error is None and rows[0].choice.kind == "default"
+    assert all("one static plan" in r.error for r in rows[2:4]) and "did you mean" in rows[4].error

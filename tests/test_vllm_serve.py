@@ -22,6 +22,7 @@ PROMPTS = [
     "The opposite of hot is",
 ]
 SKIP5 = [6, 11, 16, 21, 25]
+README_PROMPT = "Question: Which gas do animals breathe out?\nAnswer:"  # the one in README.md
 PLAN2 = "".join("s" if i in (3, 9, 14, 27) else "e" for i in range(30))
 
 
@@ -98,6 +99,32 @@ def test_bad_request_arguments_are_refused(served):
         complete(srv.base_url, name, "Hello", {"retrofit_plan": "exq"}, 4)
     with pytest.raises(openai.BadRequestError, match="repeat"):
         complete(srv.base_url, name, "Hello", {"retrofit_plan": "r" + "e" * 29}, 4)
-    # an unknown artifact name (the front end cannot see hf_overrides): the request ends at once, empty
-    assert complete(srv.base_url, name, "Hello", {"retrofit": "nope"}, 8) == ""
-    assert "unknown retrofit artifact 'nope'" in (srv.log_path.read_text())
+    # the front end reads the serve config from the server's --hf-overrides and the layer count from --model:
+    # unknown names, wrong-length or empty plans and look-alike keys are HTTP 400, never an empty answer
+    for xargs, msg in [({"retrofit": "nope"}, r"unknown retrofit artifact 'nope'; this server has \['routed'"),
+                       ({"retrofit_plan": "ee"}, "2 entries but the model has 30 decoder layers"),
+                       ({"retrofit_plan": ""}, "plan string is empty"),
+                       ({"retrofitt": "routed"}, "did you mean 'retrofit'"),
+                       ({"retrofit_plans": PLAN2}, "did you mean 'retrofit_plan'")]:
+        with pytest.raises(openai.BadRequestError, match=msg):
+            complete(srv.base_url, name, "Hello", xargs, 4)
+
+
+def test_readme_prompt_answers_and_metrics_show_the_saving(served):
+    """The README's example prompt gets text from the base model; /metrics counts the layer passes saved and
+    the worker logs each request's layers executed."""
+    import re
+    import urllib.request
+
+    from retrofit.serve.launch import complete
+
+    srv, name, _ = served
+    assert complete(srv.base_url, name, README_PROMPT, {"retrofit": "none"}, 16).strip()
+    complete(srv.base_url, name, README_PROMPT, {"retrofit": "skip5"}, 16)
+    with urllib.request.urlopen(srv.base_url[:-3] + "/metrics", timeout=30) as r:
+        text = r.read().decode()
+    counts = {m: float(v) for m, v in re.findall(r"^(retrofit_\w+_total)(?:\{[^}]*\})? (\S+)$", text, re.M)}
+    assert counts.get("retrofit_layer_passes_total", 0) > 0, text[-2000:]
+    assert counts.get("retrofit_layer_passes_saved_total", 0) > 0, counts
+    assert counts.get("retrofit_token_layers_skipped_total", 0) >= 5 * 16, counts
+    assert "25/30 decoder layers executed per token" in srv.log_path.read_text()

@@ -501,12 +501,64 @@ def score_continuations(model, tok, pairs: list[tuple[str, str]], batch: int = 1
 
 
 # --------------------------------------------------------------------------------------------- search records
+class SearchFileError(ValueError):
+    """A search JSONL holds a damaged line (the message names the file and line and the repair)."""
+
+
+_REPAIR_HINT = ("`retrofit search --repair --out {path}` (with the search's own options) drops it, keeping it in "
+                "{path}.dropped, and redoes that example; `retrofit search-repair {path}` only drops it")
+
+
+def _record_problem(chunk: bytes) -> str | None:
+    try:
+        rec = json.loads(chunk)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        return f"not valid JSON ({getattr(e, 'msg', e)})"
+    if not isinstance(rec, dict):
+        return f"expected a JSON object (a search record), got {type(rec).__name__}"
+    return None
+
+
+def repair_search_file(path: str | Path) -> list[int]:
+    """Drop the damaged lines of a search JSONL (not JSON, not an object, a torn last line); returns their line
+    numbers. The dropped lines are appended to ``<path>.dropped`` (nothing is thrown away) and the file is
+    rewritten atomically with every good record, in order. A resumed search redoes the dropped examples."""
+    path = Path(path)
+    if path.suffix == ".gz":
+        raise ValueError(f"{path}: a compressed search file cannot be repaired; decompress it first")
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    good, bad, dropped = [], [], []
+    for lineno, chunk in enumerate(data.splitlines(keepends=True), 1):
+        if not chunk.strip():
+            continue
+        if chunk.endswith(b"\n") and _record_problem(chunk) is None:
+            good.append(chunk)
+        else:
+            bad.append(chunk if chunk.endswith(b"\n") else chunk + b"\n")
+            dropped.append(lineno)
+    if not dropped:
+        return []
+    with open(f"{path}.dropped", "ab") as f:
+        f.writelines(bad)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp = path.with_name(path.name + ".repair-tmp")
+    with open(tmp, "wb") as f:
+        f.writelines(good)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return dropped
+
+
 def read_search_records(path: str | Path, *, repair: bool = False, missing_ok: bool = True) -> list[dict]:
     """Records of one search JSONL (``.jsonl``, or ``.jsonl.gz`` read-only).
 
     A last line without its newline is a torn write (a killed run): dropped, and with ``repair`` cut off the
     file so that appending continues cleanly. A missing file is ``[]`` (``missing_ok``) or an error. A malformed
-    complete line is an error naming the file and line."""
+    complete line is a :class:`SearchFileError` naming the file, the line and :func:`repair_search_file`."""
     return [r for _, r in _search_lines(path, repair, missing_ok)]
 
 
@@ -530,10 +582,11 @@ def _search_lines(path, repair: bool, missing_ok: bool) -> list[tuple[int, dict]
         if not chunk.endswith(b"\n"):
             break  # torn last write
         if chunk.strip():
-            try:
-                out.append((lineno, json.loads(chunk)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg}); the file is corrupted") from None
+            problem = _record_problem(chunk)
+            if problem:
+                raise SearchFileError(f"{path}:{lineno}: {problem}; the line is damaged (a torn write or an edit). "
+                                      + _REPAIR_HINT.format(path=path))
+            out.append((lineno, json.loads(chunk)))
         good_end += len(chunk)
     if repair and good_end < len(data):
         with open(path, "r+b") as f:

@@ -81,7 +81,10 @@ def parse_plan(plan: Any, num_layers: int | None = None, *, allow_repeat: bool =
                 return None
         else:
             bad = sorted(set(text.lower()) - set(LETTERS))
-            if bad or not text:
+            if not text:
+                raise ValueError("the plan string is empty: give one letter per decoder layer (e execute, s skip, "
+                                 "r repeat), e.g. 'eeseee...'")
+            if bad:
                 raise ValueError(f"plan string {text!r} has letters {bad}: give one letter per layer (e execute, "
                                  "s skip, r repeat), e.g. 'eeseee...', "
                                  + ("a JSON file " if allow_files else "") + "or a list of actions")

@@ -62,6 +62,8 @@ def register(app: typer.Typer) -> None:
         compare: Optional[Path] = typer.Option(None, help="label diagnostics: another run (other seed) on the same "
                                                "questions, for label agreement"),
         progress: bool = typer.Option(True),
+        repair: bool = typer.Option(False, "--repair", help="first drop damaged lines of --out (kept in "
+                                    "OUT.dropped); their examples are searched again"),
     ):
         """Per-example MCTS over layer plans (skip / execute / repeat per decoder layer), Dr.LLM style."""
         _setup(threads)
@@ -90,7 +92,8 @@ def register(app: typer.Typer) -> None:
         ev = PlanEvaluator(m, tok, max_new_tokens=max_new_tokens)
         try:
             recs = search_examples(m, tok, examples, out, cfg=cfg, budget=budget, seed=seed, shard=sh,
-                                   progress=progress, task=task, split=split, evaluator=ev, reward=rule)
+                                   progress=progress, task=task, split=split, evaluator=ev, reward=rule,
+                                   repair=repair)
         except ValueError as e:  # a results file of another run or of other data: nothing was written
             raise typer.BadParameter(str(e)) from None
         s = summarize(recs)
@@ -123,6 +126,23 @@ def register(app: typer.Typer) -> None:
         recs = merge_files(inputs, out)
         typer.echo(f"{len(recs)} examples -> {out}")
         typer.echo(format_summary(summarize(recs)))
+
+    @app.command("search-repair")
+    def search_repair(path: Path = typer.Argument(..., help="a search JSONL")):
+        """Drop the damaged lines (not JSON, not a record, a torn last line) of a search JSONL, keeping them in
+        PATH.dropped; resuming the search (same --out) redoes those examples."""
+        from retrofit.core.data import repair_search_file
+
+        from .run import SearchLockedError, output_lock
+
+        if not path.is_file():
+            raise typer.BadParameter(f"{path}: no such file")
+        try:
+            with output_lock(path):
+                dropped = repair_search_file(path)
+        except (SearchLockedError, ValueError) as e:
+            raise typer.BadParameter(str(e)) from None
+        typer.echo(f"{path}: dropped lines {dropped} -> {path}.dropped" if dropped else f"{path}: nothing to repair")
 
     @app.command("search-optuna")
     def search_optuna(

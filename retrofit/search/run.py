@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -10,6 +11,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from retrofit.core.data import read_search_records as read_records
+from retrofit.core.data import repair_search_file
 from retrofit.core.plans import plan_letters
 
 from .evaluator import PlanEvaluator
@@ -18,7 +20,7 @@ from .reward import RewardRule, gold_probability
 from .tasks import Example
 
 __all__ = ["parse_shard", "shard_indices", "read_records", "search_examples", "merge_files", "summarize",
-           "format_summary"]
+           "format_summary", "output_lock", "SearchLockedError", "repair_search_file"]
 
 _RUN_KEYS = ("seed", "budget_passes", "simulations", "num_layers", "search", "reward_rule")
 
@@ -43,13 +45,17 @@ def shard_indices(n_examples: int, shard: tuple[int, int]) -> list[int]:
 def search_examples(model, tokenizer, examples: list[Example], out: str | Path, *, cfg: MCTSConfig | None = None,
                     budget=None, seed: int = 0, shard: tuple[int, int] = (0, 1), progress: bool = True,
                     task: str = "", split: str | None = None, stop_after: int | None = None,
-                    evaluator: PlanEvaluator | None = None, reward: RewardRule | None = None) -> list[dict]:
+                    evaluator: PlanEvaluator | None = None, reward: RewardRule | None = None,
+                    repair: bool = False) -> list[dict]:
     """Search a plan for every example of this shard; append one JSONL record per example (flushed, fsynced).
 
     Examples already in ``out`` (same index and id) are skipped, so a killed run resumes with nothing lost or
     duplicated; a resume with other search or reward settings is refused (they are stored in every record).
     ``reward`` decides which plans count as correct (default: ``RewardRule()``, the confident rule).
     ``stop_after`` stops after that many new examples (used by tests to simulate a kill).
+    The run holds a lock on ``out`` (``<out>.lock``): a second search on the same file is refused
+    (:class:`SearchLockedError`) instead of writing every example twice. ``repair`` first drops damaged lines
+    (:func:`retrofit.core.data.repair_search_file`: kept in ``<out>.dropped``); their examples are searched again.
     Returns the records of this shard, in example order.
     """
     cfg = cfg or MCTSConfig()
@@ -59,11 +65,21 @@ def search_examples(model, tokenizer, examples: list[Example], out: str | Path, 
     bp = budget_passes(budget, L)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    with output_lock(out):
+        if repair:
+            repair_search_file(out)
+        return _search_locked(ev, examples, out, cfg, reward, L, bp, seed, shard, progress, task, split, stop_after)
+
+
+def _search_locked(ev, examples, out, cfg, reward, L, bp, seed, shard, progress, task, split, stop_after):
     existing = read_records(out, repair=True)
     run_info = {"seed": seed, "budget_passes": bp, "simulations": cfg.simulations, "num_layers": L,
                 "search": asdict(cfg), "reward_rule": reward.to_dict()}
     done = {}
     for r in existing:
+        if not isinstance(r.get("index"), int) or "id" not in r:
+            raise ValueError(f"{out}: a record without 'index' / 'id' ({str(r)[:80]}): not `retrofit search` output; "
+                             "use another --out")
         for k in _RUN_KEYS:
             if r.get(k) != run_info[k]:
                 raise ValueError(f"{out} holds results of another run ({k}={r.get(k)!r}, this run {run_info[k]!r}); "
@@ -129,6 +145,38 @@ def search_examples(model, tokenizer, examples: list[Example], out: str | Path, 
     if bar is not None:
         bar.close()
     return [done[k] for k in sorted(done)]
+
+
+class SearchLockedError(ValueError):
+    """Another search is writing the same output file."""
+
+
+@contextlib.contextmanager
+def output_lock(out: Path):
+    """Hold an exclusive lock on ``<out>.lock`` (``fcntl.flock``, released when the process ends, also when it is
+    killed) while this process appends to ``out``; on systems without ``fcntl`` nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    f = open(out.with_name(out.name + ".lock"), "a+", encoding="utf-8")
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            raise SearchLockedError(f"another `retrofit search` (pid {holder}) is writing {out} now; wait for it to "
+                                    "finish (it resumes, so nothing is lost) or give this run another --out "
+                                    "(parallel shards: --shard i/n, one --out each)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
+    finally:
+        f.close()
 
 
 def _gold_prob(result) -> float | None:

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,8 +23,11 @@ ARCH = "RetrofitLlamaForCausalLM"
 
 def retrofit_architecture(model: str) -> str:
     """The retrofit architecture name for a model folder (its config's first architecture, prefixed)."""
-    cfg = json.loads((Path(model) / "config.json").read_text())
-    arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0]
+    try:
+        cfg = json.loads((Path(model) / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{model}/config.json cannot be read ({e})") from None
+    arch = (cfg.get("architectures") or ["LlamaForCausalLM"])[0] if isinstance(cfg, dict) else "?"
     from retrofit.serve.vllm_plugin import ARCHITECTURES
 
     name = f"Retrofit{arch}"
@@ -38,11 +42,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def server_env(env: dict | None = None) -> dict:
+    """Environment additions for a served retrofit model: a CPU KV cache of 2 GiB unless set, and a fresh
+    ``PROMETHEUS_MULTIPROC_DIR`` (unless set) so the worker's retrofit counters reach the server's ``/metrics``
+    (vLLM serves ``/metrics`` from the API process; in multiprocess mode it collects every process's metrics)."""
+    env = os.environ if env is None else env
+    out = {}
+    if "VLLM_CPU_KVCACHE_SPACE" not in env:
+        out["VLLM_CPU_KVCACHE_SPACE"] = "2"
+    if "PROMETHEUS_MULTIPROC_DIR" not in env:
+        out["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="retrofit-metrics-")
+    return out
+
+
 def server_command(model: str, config: dict | None, port: int, host: str = "127.0.0.1",
-                   dtype: str = "float32", max_model_len: int = 1024, extra: list[str] | None = None) -> list[str]:
+                   dtype: str = "float32", max_model_len: int = 1024, extra: list[str] | None = None,
+                   served_model_name: str | None = None) -> list[str]:
     """The api_server command line serving ``model`` with the retrofit serve ``config`` (None = plain vLLM)."""
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model), "--host", host,
            "--port", str(port), "--dtype", dtype, "--max-model-len", str(max_model_len), "--seed", "0"]
+    if served_model_name:
+        cmd += ["--served-model-name", served_model_name]
     if config is not None:
         cfg = parse_serve_config(config)  # fail here, not in the server's worker
         arch = retrofit_architecture(model) if (Path(model) / "config.json").is_file() else ARCH
@@ -62,8 +82,8 @@ class Server:
         self.base_url = f"http://127.0.0.1:{port}/v1"
         self.log_path = Path(log_path)
         e = dict(os.environ)
-        e.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
         e.update(env or {})
+        e.update(server_env(e))
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=e,
                                      start_new_session=True)

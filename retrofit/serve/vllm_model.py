@@ -30,63 +30,16 @@ from vllm.model_executor.models.mistral import MistralForCausalLM
 from vllm.model_executor.models.qwen2 import Qwen2ForCausalLM
 from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
-from retrofit.artifacts import (ArtifactError, compare_fingerprint, fingerprint_of, fingerprinted, load_artifact,
-                                tensor_digest)
-from retrofit.core.plans import EXECUTE, REPEAT, SKIP, plan_codes
-from retrofit.methods import get_method
-from retrofit.methods.drllm import DrLLMConfig, RouterBank, window_matrix, window_weights
+from retrofit.artifacts import ArtifactError, compare_fingerprint, fingerprint_of, fingerprinted, tensor_digest
+from retrofit.core.plans import EXECUTE, SKIP, plan_codes
+from retrofit.methods.drllm import window_matrix, window_weights
+from retrofit.serve.check import ServedArtifact, check_static_plan
 from retrofit.serve.config import RequestChoice, ServeConfigError, find_serve_config, parse_request_args
 
 log = init_logger("vllm.retrofit")
 
 __all__ = ["RetrofitLlamaForCausalLM", "RetrofitQwen2ForCausalLM", "RetrofitQwen3ForCausalLM",
            "RetrofitMistralForCausalLM", "retrofit_counters"]
-
-
-class _Served:
-    """One artifact as served: a static plan and/or routers with their decision bias."""
-
-    def __init__(self, name: str, path: str, overrides: dict, num_layers: int, hidden: int):
-        meta, tensors = load_artifact(path, method=None)
-        try:
-            method_cls = get_method(meta["method"])
-        except (KeyError, NotImplementedError) as e:
-            raise ArtifactError(f"artifact {name!r} ({path}): {e}") from None
-        if method_cls.prompt_policy != "prompt" or method_cls.config_cls is not DrLLMConfig:
-            raise ArtifactError(f"artifact {name!r} ({path}) is a {meta['method']!r} artifact (prompt policy "
-                                f"{method_cls.prompt_policy!r}); the vLLM plugin serves layer plans decided from the "
-                                "prompt (drllm artifacts; MoE gate methods in vLLM are not built yet)")
-        cfg_dict = dict(meta["config"])
-        cfg_dict.update(overrides)
-        cfg = method_cls.config_cls(**cfg_dict)
-        self.name, self.path, self.meta, self.config = name, path, meta, cfg
-        self.plan = None
-        self.routers = None
-        if cfg.plan is not None:
-            if "repeat" in cfg.plan:
-                raise ServeConfigError(f"artifact {name!r} has a static plan with 'repeat'; the vLLM plugin does "
-                                       "not serve repeats (a repeated layer needs its own KV-cache slot)")
-            if len(cfg.plan) != num_layers:
-                raise ServeConfigError(f"artifact {name!r}: plan has {len(cfg.plan)} entries, "
-                                       f"model {num_layers} layers")
-            self.plan = torch.tensor(plan_codes(cfg.plan), dtype=torch.long)
-        elif tensors:
-            if cfg.allow_repeat:
-                raise ServeConfigError(
-                    f"artifact {name!r}: its routers may choose 'repeat', which the vLLM plugin does not serve. "
-                    f"Serve it with {{'path': {path!r}, 'allow_repeat': false}} (repeat is then never chosen; "
-                    "retrofit.attach(..., allow_repeat=False) gives the same plans in HF)")
-            bank = RouterBank(num_layers, hidden, cfg.bottleneck)
-            try:
-                bank.load_state_dict(tensors, strict=True)
-            except RuntimeError as e:
-                raise ArtifactError(f"artifact {name!r}: router tensors do not match this model: {e}") from e
-            self.routers = bank.eval()
-            bias = torch.tensor([cfg.skip_bias, 0.0, cfg.repeat_bias])
-            bias[REPEAT] = float("-inf")
-            self.bias = bias
-        else:
-            raise ArtifactError(f"artifact {name!r} ({path}) has neither routers nor a static plan")
 
 
 class _Step:
@@ -113,15 +66,14 @@ class RetrofitController:
                 "RetrofitLlamaForCausalLM needs a retrofit serve config: hf_overrides={'architectures': "
                 "['RetrofitLlamaForCausalLM'], 'retrofit': {...}} or RETROFIT_VLLM_CONFIG (see docs/serve.md)")
         self.num_layers = num_layers
-        self.served = {n: _Served(n, a.path, a.overrides, num_layers, hidden) for n, a in self.cfg.artifacts.items()}
+        if self.cfg.num_layers is not None and self.cfg.num_layers != num_layers:
+            raise ServeConfigError(f"the retrofit serve config says num_layers={self.cfg.num_layers} but the model "
+                                   f"has {num_layers} decoder layers")
+        self.served = {n: ServedArtifact(n, a.path, a.overrides, num_layers, hidden)
+                       for n, a in self.cfg.artifacts.items()}
         self.static_skip = [False] * num_layers
         if self.cfg.plan is not None:
-            if len(self.cfg.plan) != num_layers:
-                raise ServeConfigError(f"the serve plan has {len(self.cfg.plan)} entries but the model has "
-                                       f"{num_layers} decoder layers")
-            if "repeat" in self.cfg.plan:
-                raise ServeConfigError("the vLLM plugin does not serve 'repeat' (a repeated layer needs its own "
-                                       "KV-cache slot); use a skip/execute plan")
+            check_static_plan(self.cfg.plan, num_layers)
             self.static_skip = [a == "skip" for a in self.cfg.plan]
         self.dynamic = not self.cfg.static
         if self.dynamic:
@@ -143,6 +95,7 @@ class RetrofitController:
                     "max_model_len")
         self.step: _Step | None = None
         self.layers_run = 0  # decoder-layer passes actually executed (for benchmarks)
+        self._step_layers_run = 0
         self.steps = 0
         self.plans_decided = 0
         # {HF checkpoint name: retrofit.artifacts.tensor_digest} of every loaded weight, for the fingerprint
@@ -168,18 +121,41 @@ class RetrofitController:
             row.choice = parse_request_args(row.extra_args, self.cfg, self.num_layers)
         return row.choice
 
+    def check_static_rows(self, rows) -> None:
+        """One plan serves every request: a request that still sends retrofit arguments (only possible when the
+        front end could not see the config, e.g. offline with hf_overrides) is ended rather than answered under a
+        plan it did not ask for."""
+        for row in rows:
+            if row is None or row.choice is not None or row.error is not None:
+                continue
+            try:
+                row.choice = parse_request_args(row.extra_args, self.cfg, self.num_layers)
+            except ServeConfigError as e:
+                row.error = str(e)
+                log.error("retrofit: request ended: %s", e)
+
     def begin(self):
-        if not self.dynamic:
-            self.steps += 1
-            self.step = None
-            return
         md = get_forward_context().attn_metadata if is_forward_context_available() else None
         if isinstance(md, list):
             md = md[0] if md else None
+        if not self.dynamic:
+            self.steps += 1
+            self.step = None
+            if md:  # a real step (profiling and warm-up runs have no attention metadata)
+                from retrofit.serve.vllm_state import current_mirror
+
+                mirror = current_mirror()
+                if mirror is not None:
+                    self.check_static_rows(mirror.rows)
+                skipped = sum(self.static_skip)
+                tokens = int(next(iter(md.values())).query_start_loc[-1])
+                _METRICS.count(self.num_layers - skipped, skipped, tokens * skipped)
+            return
         if not md:  # profiling / warm-up run: execute everything
             self.step = None
             return
         self.steps += 1  # real steps only (profiling and warm-up runs have no attention metadata)
+        self._step_layers_run = self.layers_run
         meta = next(iter(md.values()))
         qsl = meta.query_start_loc.tolist()
         seq_lens = meta.seq_lens.tolist()
@@ -240,6 +216,10 @@ class RetrofitController:
             for r, _ in st.deciding:
                 st.rows[r].plan = st.acts[r].clone()
                 self.plans_decided += 1
+            run = self.layers_run - self._step_layers_run
+            counts = torch.tensor([st.qsl[r + 1] - st.qsl[r] for r in range(len(st.qsl) - 1)])
+            token_skips = int(((st.acts == SKIP).sum(1) * counts).sum()) if len(counts) else 0
+            _METRICS.count(run, self.num_layers - run, token_skips)
         self.step = None
 
     # ------------------------------------------------------------ per layer
@@ -289,6 +269,33 @@ class RetrofitController:
         if total > tm.shape[0]:
             tm = torch.cat([tm, torch.ones(total - tm.shape[0], run.shape[1], dtype=torch.bool)])
         return tm.unsqueeze(-1)
+
+
+class _PrometheusCounters:
+    """Prometheus counters of decoder-layer passes, created on first use in the worker. They reach the server's
+    ``/metrics`` when ``PROMETHEUS_MULTIPROC_DIR`` is set for all of vLLM's processes (``retrofit serve`` sets
+    it), since the worker is not the process that serves ``/metrics``."""
+
+    def __init__(self):
+        self.counters = None
+
+    def count(self, run: int, saved: int, token_skips: int) -> None:
+        if self.counters is None:
+            from prometheus_client import Counter
+
+            self.counters = (
+                Counter("retrofit_layer_passes", "decoder-layer forward passes run (one per layer run in a step)"),
+                Counter("retrofit_layer_passes_saved", "decoder-layer forward passes skipped: every request of the "
+                        "step skips the layer"),
+                Counter("retrofit_token_layers_skipped", "layers skipped by the requests' plans, summed over the "
+                        "tokens computed (what the plans save before batching)"),
+            )
+        for c, v in zip(self.counters, (run, saved, token_skips)):
+            if v:
+                c.inc(v)
+
+
+_METRICS = _PrometheusCounters()
 
 
 def retrofit_counters(model) -> dict:

@@ -14,17 +14,31 @@ environment where retrofit is installed; with no retrofit model loaded it only d
 
 from __future__ import annotations
 
+import functools
+
 from vllm.logger import init_logger
 
 import torch
 
 from vllm.v1.sample.logits_processor.interface import BatchUpdate, LogitsProcessor, MoveDirectionality
 
-from retrofit.serve.config import ServeConfigError, find_serve_config, parse_request_args
+from retrofit.serve.config import (REQUEST_KEYS, ServeConfigError, check_request_keys, frontend_serve_config,
+                                   is_vllm_server, parse_request_args)
 
 log = init_logger("vllm.retrofit")
 
 _MIRROR: "RetrofitBatchMirror | None" = None
+
+
+@functools.lru_cache(maxsize=1)
+def _frontend_config():
+    """The serve config the API front end can see (environment or the server's --hf-overrides), read once; an
+    invalid one is logged and left to the worker, which refuses to start with it."""
+    try:
+        return frontend_serve_config()
+    except ServeConfigError as e:
+        log.warning("retrofit: the serve config on this server's command line is invalid (%s)", e)
+        return None, ""
 
 
 def current_mirror() -> "RetrofitBatchMirror | None":
@@ -48,12 +62,14 @@ class RetrofitBatchMirror(LogitsProcessor):
         """Format check at the API front end (HTTP 400 on a malformed plan or argument); names are checked
         against the environment's serve config when there is one."""
         args = sampling_params.extra_args or {}
-        if not any(k in args for k in ("retrofit", "retrofit_plan")):
+        check_request_keys(args)  # a look-alike key ('retrofitt') is refused, never ignored
+        if not any(k in args for k in REQUEST_KEYS):
             return
-        try:
-            cfg = find_serve_config(None)
-        except ServeConfigError:
-            cfg = None
+        cfg, _ = _frontend_config()
+        if cfg is None and is_vllm_server():
+            raise ServeConfigError("this vLLM server was started without a retrofit serve config, so it would "
+                                   "ignore the retrofit arguments; start it with `retrofit serve` (or "
+                                   "--hf-overrides with a 'retrofit' key, or RETROFIT_VLLM_CONFIG)")
         parse_request_args(args, cfg)
 
     def __init__(self, vllm_config, device, is_pin_memory):
@@ -73,6 +89,11 @@ class RetrofitBatchMirror(LogitsProcessor):
         need = batch_update.batch_size
         for i in batch_update.removed:
             if i < len(rows):
+                r = rows[i]
+                if r is not None and r.plan is not None and not r.error:
+                    run = int((r.plan != 0).sum())
+                    log.info("retrofit: request left the batch: %d/%d decoder layers executed per token "
+                             "(plan %s)", run, len(r.plan), "".join("ser"[int(a)] for a in r.plan))
                 rows[i] = None
         for index, params, prompt_ids, _out in batch_update.added:
             while len(rows) <= index:

@@ -35,20 +35,30 @@ def register(app: typer.Typer) -> None:
                                              "so that the routers execute this share of the block passes on the "
                                              "training prompts (e.g. 0.9); default: skip_bias 0"),
         device: str = typer.Option("cpu", help="where features are collected and routers trained (cpu, cuda)"),
+        resume: bool = typer.Option(True, "--resume/--no-resume", help="continue a killed run from OUT/"
+                                    "training_checkpoint.pt (written every epoch); --no-resume starts over"),
     ):
         """Train per-layer Dr.LLM routers on searched plans (focal loss, class-balanced, teacher forcing)."""
-        from retrofit.methods.drllm.train import train_from_searches
+        from retrofit.core.data import read_searches
+        from retrofit.methods.drllm.train import CheckpointError, train_from_searches
         from retrofit.models import load_model
 
         files = sorted({f for pat in searches for f in (glob.glob(pat) or [pat])})
         try:
             cfg = TrainConfig(lr=lr, batch_size=batch_size, epochs=epochs, gamma=gamma, seed=seed, target=target,
                               unlabeled=unlabeled, shrink=shrink, layer_fraction=layer_fraction)
-        except ValueError as e:
+            read_searches(files)  # damaged lines / missing files named now, not after the model loads
+        except (ValueError, FileNotFoundError) as e:
             raise typer.BadParameter(str(e)) from None
         m, tok = load_model(model)
         m.to(device)
-        rep = train_from_searches(m, tok, files, out, cfg, num_windows=windows, bottleneck=bottleneck)
+        try:
+            rep = train_from_searches(m, tok, files, out, cfg, num_windows=windows, bottleneck=bottleneck,
+                                      resume=resume)
+        except CheckpointError as e:
+            raise typer.BadParameter(str(e)) from None
+        if rep["resumed_from_epoch"]:
+            typer.echo(f"resumed from the checkpoint after epoch {rep['resumed_from_epoch']}")
         last = rep["history"][-1]
         typer.echo(f"trained on {rep['train_examples']} examples ({rep['val_examples']} validation), "
                    f"{len(rep['history'])} epochs; best epoch {rep['best_epoch']}; "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -156,8 +157,46 @@ def collect(handle, tokenizer, records, progress: bool = True):
     return torch.stack(feats), torch.stack(valids), torch.stack(labels)
 
 
-def train_routers(handle, features, valid, labels, cfg: TrainConfig, progress: bool = True) -> dict:
-    """Train ``handle.routers`` in place on collected features. Returns the training report."""
+class CheckpointError(ValueError):
+    """A training checkpoint that cannot be resumed (other settings or data, or a damaged file)."""
+
+
+def _checkpoint_key(cfg: "TrainConfig", features, valid, labels) -> dict:
+    from retrofit.artifacts import tensor_digest
+
+    return {"config": asdict(cfg), "features": tensor_digest(features), "valid": tensor_digest(valid.float()),
+            "labels": tensor_digest(labels.float()), "shape": list(features.shape)}
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # a kill during the save leaves the previous checkpoint
+
+
+def _load_checkpoint(path: Path, key: dict) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file: say so, never train from half a state
+        raise CheckpointError(f"{path} could not be read ({type(e).__name__}: {e}); delete it or pass "
+                              "--no-resume to start over") from None
+    if state.get("key") != key:
+        raise CheckpointError(f"{path} is a checkpoint of another training run (other settings, search files or "
+                              "model); resume with the same command, or pass --no-resume to start over "
+                              "(the checkpoint is replaced)")
+    return state
+
+
+def train_routers(handle, features, valid, labels, cfg: TrainConfig, progress: bool = True,
+                  checkpoint: str | Path | None = None, stop_after: int | None = None) -> dict:
+    """Train ``handle.routers`` in place on collected features. Returns the training report.
+
+    ``checkpoint``: a file written after every epoch (routers, best routers so far, optimizer, schedule, RNG
+    states, history; atomically). If it exists, training resumes after its last epoch and ends as an
+    uninterrupted run would; a checkpoint of other settings or data is refused (:class:`CheckpointError`).
+    ``stop_after`` stops after that many epochs of this call (tests simulate a kill with it)."""
     from tqdm.auto import tqdm
 
     g = torch.Generator().manual_seed(cfg.seed)
@@ -201,8 +240,24 @@ def train_routers(handle, features, valid, labels, cfg: TrainConfig, progress: b
 
     history, best, best_state, bad = [], float("inf"), None, 0
     rng = random.Random(cfg.seed)
-    bar = tqdm(range(cfg.epochs), desc="router training", disable=not progress)
+    start, stopped, interrupted = 0, False, False
+    ckpt = Path(checkpoint) if checkpoint is not None else None
+    key = _checkpoint_key(cfg, features, valid, labels) if ckpt is not None else None
+    state = _load_checkpoint(ckpt, key) if ckpt is not None else None
+    if state is not None:
+        routers.load_state_dict(state["routers"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        rng.setstate((state["rng"][0], tuple(state["rng"][1]), state["rng"][2]))
+        torch.set_rng_state(state["torch_rng"])
+        history, best, best_state, bad = state["history"], state["best"], state["best_state"], state["bad"]
+        start, stopped = len(history), state["stopped"]
+    bar = tqdm(range(start, cfg.epochs if not stopped else start), desc="router training", disable=not progress,
+               initial=start, total=cfg.epochs)
     for epoch in bar:
+        if stop_after is not None and epoch - start >= stop_after:
+            interrupted = True
+            break
         order = tr_idx.tolist()
         rng.shuffle(order)
         losses = []
@@ -228,8 +283,16 @@ def train_routers(handle, features, valid, labels, cfg: TrainConfig, progress: b
             best_state = {k: v.detach().clone() for k, v in routers.state_dict().items()}
         else:
             bad += 1
-            if bad >= cfg.patience:
-                break
+            stopped = bad >= cfg.patience
+        if ckpt is not None:
+            _save_checkpoint(ckpt, {"key": key, "routers": routers.state_dict(), "opt": opt.state_dict(),
+                                    "sched": sched.state_dict(), "rng": list(rng.getstate()),
+                                    "torch_rng": torch.get_rng_state(), "history": history, "best": best,
+                                    "best_state": best_state, "bad": bad, "stopped": stopped})
+        if stopped:
+            break
+    if interrupted:
+        return {"interrupted": True, "history": history, "resumed_from_epoch": start}
     if best_state is not None:
         routers.load_state_dict(best_state)
     routers.eval().requires_grad_(False)
@@ -251,6 +314,7 @@ def train_routers(handle, features, valid, labels, cfg: TrainConfig, progress: b
         "label_counts": {a: int(c) for a, c in zip(ACTIONS, torch.bincount(hard.flatten().cpu(), minlength=3))},
         "class_weights": weight.tolist(),
         "history": history,
+        "resumed_from_epoch": start,
         "best_epoch": min(range(len(history)), key=lambda i: (history[i]["val_loss"] if history[i]["val_loss"]
                                                              is not None else history[i]["train_loss"])),
         "predicted_layer_fraction": float(((pred == 1).sum() + 2 * (pred == 2).sum()) / pred.numel()),
@@ -307,9 +371,17 @@ def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, 3) if t.is_floating_point() else t.reshape(-1)
 
 
+CHECKPOINT_NAME = "training_checkpoint.pt"
+
+
 def train_from_searches(model, tokenizer, search_files, out_dir, cfg: TrainConfig | None = None,
-                        num_windows: int = 8, bottleneck: int = 128, progress: bool = True) -> dict:
-    """Search JSONL -> trained router artifact in ``out_dir`` (+ ``training_report.json``). Returns the report."""
+                        num_windows: int = 8, bottleneck: int = 128, progress: bool = True, resume: bool = True,
+                        stop_after: int | None = None) -> dict:
+    """Search JSONL -> trained router artifact in ``out_dir`` (+ ``training_report.json``). Returns the report.
+
+    Every epoch is checkpointed to ``out_dir/training_checkpoint.pt`` (removed once the artifact is saved); a
+    killed run started again with the same settings (``resume``) continues after its last epoch, with the same
+    result as an uninterrupted run (the features are collected again). ``resume=False`` starts over."""
     import retrofit
     from retrofit.artifacts import fingerprint
 
@@ -336,10 +408,17 @@ def train_from_searches(model, tokenizer, search_files, out_dir, cfg: TrainConfi
         if cfg.target != "shortest":
             fn = soft_targets if cfg.target == "soft" else safety_targets
             labels = torch.stack([fn(r, handle.num_layers) for r in kept]).to(labels.device)
-        report = train_routers(handle, feats, valid, labels, cfg, progress)
+        ckpt = Path(out_dir) / CHECKPOINT_NAME
+        ckpt.parent.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            ckpt.unlink(missing_ok=True)
+        report = train_routers(handle, feats, valid, labels, cfg, progress, checkpoint=ckpt, stop_after=stop_after)
+        if report.get("interrupted"):
+            return report  # stopped on purpose (a simulated kill): the checkpoint stays, nothing saved
         report["search_files"] = [str(p) for p in search_files]
         report["records_read"] = len(records)
         handle.save(out_dir)
+        ckpt.unlink(missing_ok=True)
     finally:
         handle.detach()
     if fingerprint(model) != before:

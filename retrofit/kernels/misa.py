@@ -352,6 +352,19 @@ def routed_topk_torch(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, head_id
         qmin = int(qpos[r0:r1].min())
         Tc = max(int(qpos[r0:r1].max()) + 1, kk)
         kc = kf[:Tc]
+        ncand = None if candidates is None else _n_candidates(candidates, Tc, kk)
+        if head_idx is not None and ncand is not None and ncand >= Tc:
+            # MISA-dagger where k' covers every key: the re-score is the dense score, so skip the routed pass
+            sc = torch.matmul(qf[r0:r1].reshape(c * H, D), kc.t()).relu_()
+            scores = torch.bmm(wpos[r0:r1].unsqueeze(1), sc.view(c, H, Tc)).squeeze(1)
+            del sc
+            lo = max(qmin + 1, 0)
+            if lo < Tc:
+                scores[:, lo:].masked_fill_(ar[None, lo:Tc] > qpos[r0:r1, None], float("-inf"))
+            if valid is not None:
+                scores.masked_fill_(~valid[r0:r1, :Tc], float("-inf"))
+            out[r0:r1] = scores.topk(kk, dim=-1, sorted=False).indices
+            continue
         if head_idx is None:
             qs, ws = qf[r0:r1], wpos[r0:r1]
         else:
@@ -361,7 +374,6 @@ def routed_topk_torch(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, head_id
         sc = torch.matmul(qs.reshape(c * h, D), kc.t()).relu_()
         scores = torch.bmm(ws.unsqueeze(1), sc.view(c, h, Tc)).squeeze(1)  # [c, Tc]
         del sc
-        ncand = None if candidates is None else _n_candidates(candidates, Tc, kk)
         hier = ncand is not None and head_idx is not None and ncand < Tc
         exact = scores.clone() if (hier and lin is not None) else scores  # the routed heads' exact part
         if lin is not None and head_idx is not None:

@@ -6,8 +6,10 @@ offset 0, router settings are chosen on another segment), with the distilled Smo
 * per-head contributions ``c[j, s] = w[j] * ReLU(scale * q[j] . k[s])`` for every visible key;
 * how alike the heads are (cosine of their contribution profiles over keys, of their queries);
 * how spread the heads' mass is (share of the top-8 heads in the total |c| mass);
-* how well each head statistic ranks heads: the routed recall when routing by it, and the overlap of its
-  top-h heads with those of the exact oracles (exact mass over all keys, mass on the dense top-k keys).
+* how well each head statistic ranks heads: the routed recall when routing by it (heads only, no linear
+  remainder), and the overlap of its top-h heads with those of the exact oracles (exact mass over all keys,
+  mass on the dense top-k keys);
+* what kind of heads each router picks: on how many keys their ReLU is on, how much their contribution varies.
 
     PYTHONPATH=. python bench/analyze_misa_routing.py --offset 65536 --out bench/results/misa_routing_diag.json
 """
@@ -118,6 +120,14 @@ def main():
                 pad = torch.zeros(H, nb * B)
                 pad[:, :n] = ca
                 stats[f"oracle_blockmax_{B}"] = pad.view(H, nb, B).amax(-1).sum(-1)
+            stats["moments_router"] = torch.zeros(H).scatter(
+                0, K.moment_route(qt, wt, k[:n], qp, 1024, scale, h)[0][0], 1.0)  # its picks (a 0/1 score)
+            act = (ca > 0).float().mean(1)  # fraction of keys on which each head's ReLU is on
+            cv = ca.std(1) / ca.mean(1).clamp_min(1e-12)  # variation of its contribution over the keys
+            for name in ("blockmean_1024", "oracle_topset", "moments_router"):
+                picks = stats[name].topk(h).indices
+                add(f"picked_active_frac[{name}]", act[picks].mean())
+                add(f"picked_contrib_cv[{name}]", cv[picks].mean())
             for name, s in stats.items():
                 heads = s.topk(h).indices.sort().values[None]
                 add(f"recall[{name}]", routed_recall(c, heads, dsel, n, topk))

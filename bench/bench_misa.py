@@ -210,7 +210,8 @@ def _summarise(res, per, args):
         res["indexer_mass_top64"] = {str(l): m["mass_top64"] for l, m in met["layers"].items()}
         res["attention_mass_top64_oracle"] = {str(l): m["mass_top64_oracle"] for l, m in met["layers"].items()}
     res.setdefault("gpu", None)
-    res.update(device=f"CPU: {_cpu_name()}, {torch.get_num_threads()} threads (2-core machine shared with other jobs)",
+    machine = f"CPU: {_cpu_name()}, {torch.get_num_threads()} threads (2-core machine shared with other jobs)"
+    res.update(device=machine, machine=machine,
                command="PYTHONPATH=. python bench/bench_misa.py " + " ".join(sys.argv[1:]), date=_now(),
                torch=torch.__version__)
 

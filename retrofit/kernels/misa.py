@@ -394,8 +394,8 @@ def routed_topk_torch(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, head_id
             rest = _complement(head_idx[r0:r1], H)
             q_rest = torch.gather(qf[r0:r1], 1, rest[..., None].expand(c, rest.shape[1], D))
             w_rest = torch.gather(wpos[r0:r1], 1, rest)
-            full = torch.bmm(kc_sel, q_rest.transpose(1, 2)).relu_()  # [c, k', H - h]
-            rescored = torch.bmm(full, w_rest.unsqueeze(-1)).squeeze(-1)  # [c, k']
+            full = torch.bmm(q_rest, kc_sel.transpose(1, 2)).relu_()  # [c, H - h, k']
+            rescored = torch.bmm(w_rest.unsqueeze(1), full).squeeze(1)  # [c, k']
             rescored += torch.gather(exact, 1, cand.indices)
             rescored.masked_fill_(torch.isinf(cand.values), float("-inf"))
             sel = rescored.topk(kk, dim=-1, sorted=False).indices

@@ -107,7 +107,38 @@ def measure(q, w, k, qpos, args, scale, kernel="auto", sync=None, chunk=None):
              hier_recall_all=rec(outs["hier"]), H=H, D=D)
     if "blockmean" in outs:
         r.update(blockmean_s=t["blockmean"], blockmean_recall=rec(outs["blockmean"], sel))
+    r["_selections"] = {n: o.cpu() for n, o in outs.items()}
     return r
+
+
+@torch.no_grad()
+def attention_mass(model, layer, x, qpos, selections):
+    """SmolLM2's own head-summed attention distribution of ``layer`` for the queries ``qpos`` over the keys of
+    ``x [S, hidden]`` (one context of at most the model's 8K), and the share of it that each selection
+    ``[Q, k]`` keeps (mean over queries), plus the best any k keys can keep (attention's own top-k)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from retrofit.arch import get_adapter
+
+    adapter = get_adapter(model)
+    attn = adapter.attention(adapter.layers(model)[layer])
+    S, hd = x.shape[0], attn.head_dim
+    pos = torch.arange(S)[None]
+    cos, sin = adapter.decoder(model).rotary_emb(x[None], pos)
+    k = attn.k_proj(x[None]).view(1, S, -1, hd).transpose(1, 2)
+    q = attn.q_proj(x[qpos][None]).view(1, len(qpos), -1, hd).transpose(1, 2)
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    q, _ = apply_rotary_pos_emb(q, q, cos[:, qpos], sin[:, qpos])
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = torch.matmul(q, k.transpose(-1, -2)) * attn.scaling  # [1, heads, Q, S]
+    causal = torch.arange(S)[None, :] <= qpos[:, None]
+    p = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1).sum(1)[0]
+    p = p / p.sum(-1, keepdim=True)
+    kk = next(iter(selections.values())).shape[1]
+    out = {n: float(torch.gather(p, 1, sel.clamp(max=S - 1)).mul(torch.gather(causal, 1, sel.clamp(max=S - 1)))
+                    .sum(-1).mean()) for n, sel in selections.items()}
+    out["attention_topk"] = float(p.topk(kk, -1).values.sum(-1).mean())
+    return out
 
 
 def cpu_main(args):
@@ -146,6 +177,11 @@ def cpu_main(args):
                 continue
             qpos = torch.linspace(0, L - 1, min(args.queries, L)).round().long().unique()
             r = measure(q[qpos], w[qpos], k[:L], qpos, args, scale, chunk=args.chunk)
+            sels = r.pop("_selections")
+            if L == args.mass_length:  # one real SmolLM2 context: how much attention each selection keeps
+                keep = qpos >= args.topk
+                r["attention_mass"] = attention_mass(model, layer, x[layer][:L], qpos[keep],
+                                                     {n: v[keep] for n, v in sels.items()})
             full = torch.arange(L)
             H, D = q.shape[1], q.shape[2]
             fd = K.indexer_flops(full, H, D)
@@ -194,6 +230,9 @@ def _summarise(res, per, args):
                 blockmean_recall=mean("blockmean_recall"),
                 blockmean_min_layer_recall=min(r["blockmean_recall"] for r in rows),
                 blockmean_speedup=dense_s / sum(r["blockmean_s"] for r in rows))
+    mass_rows = {l: r["attention_mass"] for l, r in per.get(args.mass_length, {}).items() if "attention_mass" in r}
+    if mass_rows:
+        res[f"attention_mass_{args.mass_length // 1024}k"] = {str(l): m for l, m in mass_rows.items()}
     if "32768" in res["lengths"]:
         r = res["lengths"]["32768"]
         res.update(recall_32k=r["recall"], min_layer_recall_32k=r["min_layer_recall"],
@@ -321,6 +360,9 @@ def main():
                     help="moment router: heads with ReLU slope above this enter the linear remainder; <0 = none")
     ap.add_argument("--no-compare-blockmean", dest="compare_blockmean", action="store_false",
                     help="skip the paper's block-mean router (run by default for comparison)")
+    ap.add_argument("--mass-length", type=int, default=8192,
+                    help="context length (<= SmolLM2's 8K, one forward) at which the attention mass kept by "
+                         "each selection is measured")
     ap.add_argument("--offset", type=int, default=0,
                     help="start of the text segment in held-out Shakespeare (tuning runs use a disjoint one)")
     ap.add_argument("--topk", type=int, default=2048)

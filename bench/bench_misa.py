@@ -60,28 +60,85 @@ def _timed(fn, repeats, sync=None):
     return statistics.median(times), out
 
 
+def _alternating(fns: dict, repeats: int, sync=None):
+    """Run the callables in turn, ``repeats`` rounds (dense, MISA, ... alternating, so that load from other jobs
+    on a shared machine hits all of them alike); median seconds and the last output of each."""
+    times = {n: [] for n in fns}
+    outs = {}
+    for _ in range(repeats):
+        for n, fn in fns.items():
+            if sync:
+                sync()
+            t0 = time.perf_counter()
+            outs[n] = fn()
+            if sync:
+                sync()
+            times[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(t) for n, t in times.items()}, outs
+
+
 def measure(q, w, k, qpos, args, scale, kernel="auto", sync=None, chunk=None):
-    """One layer, one context length: dense / MISA / MISA-dagger selections, times and recalls."""
+    """One layer, one context length: dense / MISA / MISA-dagger (and the paper's block-mean router)
+    selections, times (alternating, median) and recalls."""
     H, D = q.shape[1], q.shape[2]
-    dense_s, dense = _timed(lambda: K.dense_topk(q, w, k, qpos, args.topk, scale, kernel=kernel, chunk=chunk),
-                            args.repeats, sync)
-    misa_s, (misa, _) = _timed(lambda: K.misa_topk(q, w, k, qpos, args.topk, scale, args.active_heads,
-                                                   args.block_size, kernel=kernel, chunk=chunk), args.repeats, sync)
-    hier_s, (hier, _) = _timed(lambda: K.misa_topk(q, w, k, qpos, args.topk, scale, args.active_heads,
-                                                   args.block_size, hierarchical=True, candidates=args.candidates,
-                                                   kernel=kernel, chunk=chunk), args.repeats, sync)
+    kw = dict(kernel=kernel, chunk=chunk, router=args.router, linear_threshold=args.linear_threshold)
+    fns = {
+        "dense": lambda: K.dense_topk(q, w, k, qpos, args.topk, scale, kernel=kernel, chunk=chunk),
+        "misa": lambda: K.misa_topk(q, w, k, qpos, args.topk, scale, args.active_heads, args.block_size, **kw)[0],
+        "hier": lambda: K.misa_topk(q, w, k, qpos, args.topk, scale, args.active_heads, args.block_size,
+                                    hierarchical=True, candidates=args.candidates, **kw)[0],
+    }
+    if args.compare_blockmean and args.router != "blockmean":
+        fns["blockmean"] = lambda: K.misa_topk(q, w, k, qpos, args.topk, scale, args.active_heads, args.block_size,
+                                               kernel=kernel, chunk=chunk, router="blockmean")[0]
+    t, outs = _alternating(fns, args.repeats, sync)
     nontriv = qpos >= args.topk  # queries that see more keys than top-k (selection not trivial)
-    d, m, hh, p = dense.cpu(), misa.cpu(), hier.cpu(), qpos.cpu()
+    d, p = outs["dense"].cpu(), qpos.cpu()
     sel = nontriv.cpu()
 
     def rec(x, mask=None):
+        x = x.cpu()
         if mask is not None and not bool(mask.any()):
             return 1.0
         return K.recall(x[mask], d[mask], p[mask]) if mask is not None else K.recall(x, d, p)
 
-    return dict(dense_s=dense_s, misa_s=misa_s, hier_s=hier_s,
-                recall=rec(m, sel), recall_all=rec(m), hier_recall=rec(hh, sel), hier_recall_all=rec(hh),
-                H=H, D=D)
+    r = dict(dense_s=t["dense"], misa_s=t["misa"], hier_s=t["hier"],
+             recall=rec(outs["misa"], sel), recall_all=rec(outs["misa"]), hier_recall=rec(outs["hier"], sel),
+             hier_recall_all=rec(outs["hier"]), H=H, D=D)
+    if "blockmean" in outs:
+        r.update(blockmean_s=t["blockmean"], blockmean_recall=rec(outs["blockmean"], sel))
+    r["_selections"] = {n: o.cpu() for n, o in outs.items()}
+    return r
+
+
+@torch.no_grad()
+def attention_mass(model, layer, x, qpos, selections):
+    """SmolLM2's own head-summed attention distribution of ``layer`` for the queries ``qpos`` over the keys of
+    ``x [S, hidden]`` (one context of at most the model's 8K), and the share of it that each selection
+    ``[Q, k]`` keeps (mean over queries), plus the best any k keys can keep (attention's own top-k)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from retrofit.arch import get_adapter
+
+    adapter = get_adapter(model)
+    attn = adapter.attention(adapter.layers(model)[layer])
+    S, hd = x.shape[0], attn.head_dim
+    pos = torch.arange(S)[None]
+    cos, sin = adapter.decoder(model).rotary_emb(x[None], pos)
+    k = attn.k_proj(x[None]).view(1, S, -1, hd).transpose(1, 2)
+    q = attn.q_proj(x[qpos][None]).view(1, len(qpos), -1, hd).transpose(1, 2)
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    q, _ = apply_rotary_pos_emb(q, q, cos[:, qpos], sin[:, qpos])
+    k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    logits = torch.matmul(q, k.transpose(-1, -2)) * attn.scaling  # [1, heads, Q, S]
+    causal = torch.arange(S)[None, :] <= qpos[:, None]
+    p = torch.softmax(logits.masked_fill(~causal, float("-inf")), -1).sum(1)[0]
+    p = p / p.sum(-1, keepdim=True)
+    kk = next(iter(selections.values())).shape[1]
+    out = {n: float(torch.gather(p, 1, sel.clamp(max=S - 1)).mul(torch.gather(causal, 1, sel.clamp(max=S - 1)))
+                    .sum(-1).mean()) for n, sel in selections.items()}
+    out["attention_topk"] = float(p.topk(kk, -1).values.sum(-1).mean())
+    return out
 
 
 def cpu_main(args):
@@ -97,12 +154,14 @@ def cpu_main(args):
     indexers, meta = load_indexers(ind_path, model)
     layers = sorted(indexers)
     Lmax = max(args.lengths)
-    x = long_context_inputs(model, tok, args.data, layers, length=Lmax,
-                            cache=cache_dir() / "misa" / f"shakespeare_inputs_{Lmax}.safetensors")
+    tag = f"_at{args.offset}" if args.offset else ""
+    x = long_context_inputs(model, tok, args.data, layers, length=Lmax, offset=args.offset,
+                            cache=cache_dir() / "misa" / f"shakespeare_inputs_{Lmax}{tag}.safetensors")
     out_path = Path(args.out)
     res = json.loads(out_path.read_text()) if (args.resume and out_path.is_file()) else {}
     res.setdefault("lengths", {})
     res.update(config=dict(active_heads=args.active_heads, block_size=args.block_size, candidates=args.candidates,
+                           router=args.router, linear_threshold=args.linear_threshold, offset=args.offset,
                            topk=args.topk, queries=args.queries, repeats=args.repeats, layers=layers,
                            indexer_heads=indexers[layers[0]].n_heads, indexer_head_dim=indexers[layers[0]].head_dim),
                indexer=dict(path=str(ind_path), distill_metrics=meta.get("extra", {}).get("metrics")))
@@ -118,24 +177,37 @@ def cpu_main(args):
                 continue
             qpos = torch.linspace(0, L - 1, min(args.queries, L)).round().long().unique()
             r = measure(q[qpos], w[qpos], k[:L], qpos, args, scale, chunk=args.chunk)
+            sels = r.pop("_selections")
+            if L == args.mass_length:  # one real SmolLM2 context: how much attention each selection keeps
+                keep = qpos >= args.topk
+                r["attention_mass"] = attention_mass(model, layer, x[layer][:L], qpos[keep],
+                                                     {n: v[keep] for n, v in sels.items()})
             full = torch.arange(L)
             H, D = q.shape[1], q.shape[2]
             fd = K.indexer_flops(full, H, D)
-            r["flops_ratio"] = fd / K.indexer_flops(full, H, D, args.active_heads, args.block_size)
+            fk = dict(router=args.router, topk=args.topk, linear=args.linear_threshold is not None)
+            r["flops_ratio"] = fd / K.indexer_flops(full, H, D, args.active_heads, args.block_size, **fk)
             r["hier_flops_ratio"] = fd / K.indexer_flops(full, H, D, args.active_heads, args.block_size, True,
-                                                         args.candidates)
+                                                         args.candidates, **fk)
+            if "blockmean_recall" in r:
+                r["blockmean_flops_ratio"] = fd / K.indexer_flops(full, H, D, args.active_heads, args.block_size)
             per[L][layer] = r
             print(f"L={L:6d} layer {layer:2d}: recall {r['recall']:.4f} (all {r['recall_all']:.4f}) "
                   f"hier {r['hier_recall']:.4f}  flops x{r['flops_ratio']:.2f} (hier x{r['hier_flops_ratio']:.2f})"
-                  f"  dense {r['dense_s']:.3f}s misa {r['misa_s']:.3f}s hier {r['hier_s']:.3f}s", flush=True)
+                  f"  dense {r['dense_s']:.3f}s misa {r['misa_s']:.3f}s hier {r['hier_s']:.3f}s"
+                  + (f"  [block means: recall {r['blockmean_recall']:.4f} {r['blockmean_s']:.3f}s]"
+                     if "blockmean_recall" in r else ""), flush=True)
             _summarise(res, per, args)
             out_path.parent.mkdir(parents=True, exist_ok=True)
             out_path.write_text(json.dumps(res, indent=2))
         del q, k, w
     _summarise(res, per, args)
     out_path.write_text(json.dumps(res, indent=2))
-    print(json.dumps({k: res[k] for k in ("recall_32k", "flops_ratio_32k", "speedup_32k", "hier_recall_32k")
-                      if k in res}))
+    print(json.dumps({k: res[k] for k in _HEADLINE if k in res}))
+
+
+_HEADLINE = ("recall_32k", "min_layer_recall_32k", "flops_ratio_32k", "speedup_32k", "dagger_recall_32k",
+             "dagger_speedup_32k", "blockmean_recall_32k", "blockmean_min_layer_recall_32k")
 
 
 def _summarise(res, per, args):
@@ -146,16 +218,39 @@ def _summarise(res, per, args):
         mean = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
         dense_s, misa_s, hier_s = (sum(r[k] for r in rows) for k in ("dense_s", "misa_s", "hier_s"))
         res["lengths"][str(L)] = dict(
-            recall=mean("recall"), recall_all_queries=mean("recall_all"), hier_recall=mean("hier_recall"),
+            recall=mean("recall"), min_layer_recall=min(r["recall"] for r in rows),
+            recall_all_queries=mean("recall_all"), hier_recall=mean("hier_recall"),
+            min_layer_hier_recall=min(r["hier_recall"] for r in rows),
             flops_ratio=mean("flops_ratio"), hier_flops_ratio=mean("hier_flops_ratio"),
             speedup=dense_s / misa_s, hier_speedup=dense_s / hier_s,
             dense_s=dense_s, misa_s=misa_s, hier_s=hier_s, layers_done=len(rows),
             per_layer={str(l): r for l, r in layers.items()})
+        if all("blockmean_recall" in r for r in rows):
+            res["lengths"][str(L)].update(
+                blockmean_recall=mean("blockmean_recall"),
+                blockmean_min_layer_recall=min(r["blockmean_recall"] for r in rows),
+                blockmean_speedup=dense_s / sum(r["blockmean_s"] for r in rows))
+    mass_rows = {l: r["attention_mass"] for l, r in per.get(args.mass_length, {}).items() if "attention_mass" in r}
+    if mass_rows:
+        res[f"attention_mass_{args.mass_length // 1024}k"] = {str(l): m for l, m in mass_rows.items()}
     if "32768" in res["lengths"]:
         r = res["lengths"]["32768"]
-        res.update(recall_32k=r["recall"], flops_ratio_32k=r["flops_ratio"], speedup_32k=r["speedup"],
-                   hier_recall_32k=r["hier_recall"])
-    res.update(device=f"CPU: {_cpu_name()}, {torch.get_num_threads()} threads (2-core machine shared with other jobs)",
+        res.update(recall_32k=r["recall"], min_layer_recall_32k=r["min_layer_recall"],
+                   flops_ratio_32k=r["flops_ratio"], speedup_32k=r["speedup"],
+                   dagger_recall_32k=r["hier_recall"], dagger_min_layer_recall_32k=r["min_layer_hier_recall"],
+                   dagger_speedup_32k=r["hier_speedup"], dagger_flops_ratio_32k=r["hier_flops_ratio"])
+        if "blockmean_recall" in r:
+            res.update(blockmean_recall_32k=r["blockmean_recall"],
+                       blockmean_min_layer_recall_32k=r["blockmean_min_layer_recall"])
+    met = (res.get("indexer") or {}).get("distill_metrics") or {}
+    if met.get("layers"):
+        res["indexer_kl"] = {str(l): m["heldout_kl"] for l, m in met["layers"].items()}
+        res["indexer_kl_uniform"] = {str(l): m["heldout_kl_uniform"] for l, m in met["layers"].items()}
+        res["indexer_mass_top64"] = {str(l): m["mass_top64"] for l, m in met["layers"].items()}
+        res["attention_mass_top64_oracle"] = {str(l): m["mass_top64_oracle"] for l, m in met["layers"].items()}
+    res.setdefault("gpu", None)
+    machine = f"CPU: {_cpu_name()}, {torch.get_num_threads()} threads (2-core machine shared with other jobs)"
+    res.update(device=machine, machine=machine,
                command="PYTHONPATH=. python bench/bench_misa.py " + " ".join(sys.argv[1:]), date=_now(),
                torch=torch.__version__)
 
@@ -259,7 +354,17 @@ def main():
     ap.add_argument("--queries", type=int, default=512, help="query positions sampled evenly over each context")
     ap.add_argument("--active-heads", type=int, default=8)
     ap.add_argument("--block-size", type=int, default=1024)
-    ap.add_argument("--candidates", type=int, default=8192)
+    ap.add_argument("--candidates", default="auto", help="MISA-dagger k': an int, or 'auto' (from the context length)")
+    ap.add_argument("--router", default="moments", choices=K.ROUTERS)
+    ap.add_argument("--linear-threshold", type=float, default=0.7,
+                    help="moment router: heads with ReLU slope above this enter the linear remainder; <0 = none")
+    ap.add_argument("--no-compare-blockmean", dest="compare_blockmean", action="store_false",
+                    help="skip the paper's block-mean router (run by default for comparison)")
+    ap.add_argument("--mass-length", type=int, default=8192,
+                    help="context length (<= SmolLM2's 8K, one forward) at which the attention mass kept by "
+                         "each selection is measured")
+    ap.add_argument("--offset", type=int, default=0,
+                    help="start of the text segment in held-out Shakespeare (tuning runs use a disjoint one)")
     ap.add_argument("--topk", type=int, default=2048)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--chunk", type=int, default=32, help="query rows per GEMM (same for dense and MISA)")
@@ -274,6 +379,9 @@ def main():
     ap.add_argument("--merge-gpu", default=None)
     args = ap.parse_args()
     args.lengths = [int(x) for x in args.lengths.split(",")]
+    args.candidates = args.candidates if args.candidates == "auto" else int(args.candidates)
+    if args.linear_threshold is not None and args.linear_threshold < 0:
+        args.linear_threshold = None
     if args.pack_gpu:
         pack_gpu(args)
     elif args.gpu:

@@ -62,7 +62,7 @@ MUTATIONS = [
      "tests/test_gaps_moe.py"),
     ("4", "misa_topk routes active_heads - 1 heads",
      "retrofit/kernels/misa.py",
-     "head_idx = route_heads(E, active_heads)", "head_idx = route_heads(E, active_heads - 1)",
+     "idx = score.topk(active_heads, dim=-1)", "idx = score.topk(active_heads - 1, dim=-1)",
      "tests/test_gaps_misa.py"),
     ("5", "the MoE gates' weights left out of the fingerprint",
      "retrofit/artifacts.py",

@@ -317,10 +317,12 @@ def default_indexer_path() -> Path:
 
 @torch.no_grad()
 def long_context_inputs(model, tok, data_dir, layers, length: int = 32768, chunk: int = 8192,
-                        cache: Path | None = None) -> dict[int, torch.Tensor]:
+                        cache: Path | None = None, offset: int = 0) -> dict[int, torch.Tensor]:
     """Attention inputs ``[length, hidden]`` of ``layers`` over ``length`` tokens of held-out Shakespeare
-    (the last 30% of the file), made by running the model over consecutive ``chunk``-token pieces (within its
-    8192-token context) and concatenating. Cached as safetensors (activations, not an artifact)."""
+    (the last 30% of the file) starting ``offset`` tokens into it, made by running the model over consecutive
+    ``chunk``-token pieces (within its 8192-token context) and concatenating. Cached as safetensors
+    (activations, not an artifact). A nonzero ``offset`` gives a segment disjoint from the benchmark's
+    (``offset >= length``), used to choose router settings without touching the measured text."""
     from safetensors.torch import load_file, save_file
 
     if cache is not None and Path(cache).is_file():
@@ -328,9 +330,9 @@ def long_context_inputs(model, tok, data_dir, layers, length: int = 32768, chunk
         if all(f"layer{l}" in got and got[f"layer{l}"].shape[0] >= length for l in layers):
             return {l: got[f"layer{l}"][:length] for l in layers}
     _, test_ids = split_shakespeare(shakespeare_ids(tok, data_dir))
-    if len(test_ids) < length:
-        raise ValueError(f"held-out text has {len(test_ids)} tokens, fewer than {length}")
-    ids = test_ids[:length]
+    if offset < 0 or len(test_ids) < offset + length:
+        raise ValueError(f"held-out text has {len(test_ids)} tokens, fewer than offset {offset} + length {length}")
+    ids = test_ids[offset: offset + length]
     parts = {l: [] for l in layers}
     for s in tqdm(range(0, length, chunk), desc="long-context hidden states"):
         got = layer_inputs(model, ids[s: s + chunk][None], layers)

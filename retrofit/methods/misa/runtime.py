@@ -2,8 +2,10 @@
 
 ``retrofit.attach(model, "misa", active_heads=8)`` replaces the ``forward`` of every DSA indexer
 (``self_attn.indexer`` of DeepSeek-V3.2 / GLM-MoE-DSA in transformers) with MISA's routed scoring:
-block-pooled keys score each indexer head, the top ``active_heads`` heads per query score the tokens, the
-top-k tokens are returned as before. ``hierarchical=True`` (MISA-dagger) keeps ``candidates`` keys by the routed
+a router scores each indexer head per query (by default from the causal key moments, see kernels.misa; the
+paper's block means with ``router="blockmean"``), the top ``active_heads`` heads (plus, with the moment router,
+one linear term for the nearly linear remaining heads) score the tokens, the top-k tokens are returned as before.
+``hierarchical=True`` (MISA-dagger) keeps ``candidates`` keys by the routed
 score and re-scores them with all heads. Training-free: the artifact holds only the config.
 ``detach()`` restores the indexers' own forward. See docs/misa.md.
 """
@@ -78,7 +80,8 @@ class Misa(Method):
             )
         for i, idx in indexers.items():
             _rope_fn(idx)  # clear error for unknown indexer classes
-            if self.config.hierarchical and self.config.candidates < idx.index_topk:
+            if (self.config.hierarchical and self.config.candidates != "auto"
+                    and self.config.candidates < idx.index_topk):
                 raise ValueError(f"candidates={self.config.candidates} is below the indexer's top-k "
                                  f"({idx.index_topk}) in layer {i}: use candidates >= {idx.index_topk}.")
         self.indexers = indexers
@@ -129,17 +132,20 @@ class Misa(Method):
         use_ref = cfg.kernel == "reference" or (
             cfg.kernel == "auto" and not (K.HAS_TRITON and q.is_cuda) and S * T * H <= _REFERENCE_MAX)
         if use_ref:
+            lin = None
             if h >= H:
                 head_idx = torch.arange(H, device=q.device).expand(B, S, H)
             else:
-                head_idx = torch.stack([
-                    K.route_heads(K.head_scores(q[b], weights[b], k[b], qpos[b], cfg.block_size, scale,
-                                                key_valid=key_valid[b]), h) for b in range(B)])
-            scores = K.routed_scores_reference(q, weights, k, head_idx, scale, attention_mask)
+                routed = [K.route(q[b], weights[b], k[b], qpos[b], cfg.block_size, scale, h, key_valid=key_valid[b],
+                                  router=cfg.router, linear_threshold=cfg.linear_threshold) for b in range(B)]
+                head_idx = torch.stack([r[0] for r in routed])
+                if routed[0][1] is not None:
+                    lin = torch.stack([r[1] for r in routed])
+            scores = K.routed_scores_reference(q, weights, k, head_idx, scale, attention_mask, lin=lin)
             if h < H:
                 K.break_ties_(scores)
             if cfg.hierarchical and h < H:
-                kc = min(cfg.candidates, T)
+                kc = min(K.auto_candidates(T, topk) if cfg.candidates == "auto" else cfg.candidates, T)
                 cand = scores.topk(kc, dim=-1)
                 k_c = torch.gather(k.float().unsqueeze(1).expand(B, S, T, D), 2,
                                    cand.indices[..., None].expand(B, S, kc, D))  # [B,S,k',D]
@@ -153,7 +159,8 @@ class Misa(Method):
         else:
             picks = [K.misa_topk(q[b], weights[b], k[b], qpos[b], topk, scale, active_heads=h,
                                  block_size=cfg.block_size, hierarchical=cfg.hierarchical, candidates=cfg.candidates,
-                                 valid=valid[b], key_valid=key_valid[b], kernel=cfg.kernel) for b in range(B)]
+                                 valid=valid[b], key_valid=key_valid[b], kernel=cfg.kernel, router=cfg.router,
+                                 linear_threshold=cfg.linear_threshold) for b in range(B)]
             sel = torch.stack([p[0] for p in picks])
             heads = H if picks[0][1] is None else picks[0][1].shape[-1]
         return sel.to(torch.int32), qpos, valid, heads
@@ -167,8 +174,9 @@ class Misa(Method):
         st["time_s"] += seconds
         for b in range(B):
             st["flops_dense"] += K.indexer_flops(qpos[b], H, D)
-            st["flops_misa"] += K.indexer_flops(qpos[b], H, D, heads, cfg.block_size,
-                                                cfg.hierarchical, cfg.candidates)
+            st["flops_misa"] += K.indexer_flops(qpos[b], H, D, heads, cfg.block_size, cfg.hierarchical,
+                                                cfg.candidates, router=cfg.router, topk=sel.shape[-1],
+                                                linear=cfg.linear_threshold is not None)
         if cfg.measure:
             topk = sel.shape[-1]
             all_heads = torch.arange(H, device=q.device).expand(B, S, H)

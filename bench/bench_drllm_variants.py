@@ -29,7 +29,8 @@ import retrofit  # noqa: E402
 from bench_drllm_eval import router_plans, score, static_k, summary  # noqa: E402
 from retrofit.core.data import load_task  # noqa: E402
 from retrofit.eval.static_prune import block_influence, calibration_texts, plan_from_scores  # noqa: E402
-from retrofit.methods.drllm.train import TrainConfig, collect, shrink_routers, train_from_searches  # noqa: E402
+from retrofit.methods.drllm.train import (  # noqa: E402
+    TrainConfig, calibrate_skip_bias, collect, label_center, shrink_routers, train_from_searches)  # noqa: E402
 from retrofit.models import load_model  # noqa: E402
 from retrofit.search.diagnostics import label_diagnostics, label_shares, voted_plan  # noqa: E402
 from retrofit.search.evaluator import PlanEvaluator  # noqa: E402
@@ -48,6 +49,11 @@ def main():
     ap.add_argument("--shrink", type=float, nargs="*", default=[1.0],
                     help="score each variant with its routers' per-question deviation from their mean logits scaled "
                          "by these factors (1 = as trained, 0 = the static plan of the mean logits)")
+    ap.add_argument("--center", default="routers", choices=["routers", "labels"],
+                    help="what --shrink pulls toward: the routers' mean logits or the labels' action shares")
+    ap.add_argument("--layer-fractions", type=float, nargs="*", default=None,
+                    help="instead of --skip-bias: for each variant the skip_bias values at which its routers execute "
+                         "these shares of the block passes on the training prompts (calibrate_skip_bias)")
     ap.add_argument("--shrink-examples", type=int, default=300,
                     help="training questions whose all-execute features give the routers' mean logits")
     ap.add_argument("--workdir", default="runs/drllm_variants")
@@ -58,26 +64,30 @@ def main():
     t0 = time.time()
     model, tok = load_model("default")
     L = model.config.num_hidden_layers
-    scores = block_influence(model, tok, calibration_texts(num_samples=128, seed=0), progress=False)
     val = load_task("arc_easy", "validation", args.limit)
     ev = PlanEvaluator(model, tok)
     recs = [r for p in args.search for r in read_records(p)]
     diag = label_diagnostics(recs)
     shares = label_shares([r for r in recs if r.get("found")])
     base = [("execute",) * L] * len(val)
-    statics = {k: [tuple(plan_from_scores(scores, k))] * len(val) for k in range(1, 9)}
     voted = {k: [tuple(voted_plan(shares, k))] * len(val) for k in range(1, 9)}
     cache = Path(args.workdir) / f"baselines_{len(val)}_{len(recs)}.json"  # the same questions and labels
+    bigger = sorted(Path(args.workdir).glob(f"baselines_*_{len(recs)}.json"), key=lambda p: int(p.stem.split("_")[1]))
+    bigger = [p for p in bigger if int(p.stem.split("_")[1]) >= len(val)]
     if cache.is_file():
         ref = json.loads(cache.read_text())
+    elif bigger:  # the first questions of a longer run: the same per-question results
+        ref = {k: v[:len(val)] for k, v in json.loads(bigger[0].read_text()).items()}
     else:
+        scores = block_influence(model, tok, calibration_texts(num_samples=128, seed=0), progress=False)
+        statics = {k: [tuple(plan_from_scores(scores, k))] * len(val) for k in range(1, 9)}
         ref = score(ev, val, {"base": base, **{f"static_k{k}": v for k, v in statics.items()},
                               **{f"voted_k{k}": v for k, v in voted.items()}}, "validation baselines")
         cache.parent.mkdir(parents=True, exist_ok=True)
         cache.write_text(json.dumps(ref))
     base_acc = sum(ref["base"]) / len(val)
     out = {"n_val": len(val), "base_acc": base_acc, "n_records": len(recs), "n_labels": diag.get("n_labels"),
-           "static": {k: sum(ref[f"static_k{k}"]) / len(val) for k in statics},
+           "static": {k: sum(ref[f"static_k{k}"]) / len(val) for k in range(1, 9)},
            "voted": {k: sum(ref[f"voted_k{k}"]) / len(val) for k in voted}, "variants": {}}
     for target in args.targets:
         for unl in args.unlabeled:
@@ -91,20 +101,27 @@ def main():
             if not same or rep.get("records_read") != len(recs):
                 rep = train_from_searches(model, tok, args.search, d, cfg, bottleneck=args.bottleneck, progress=False)
             for alpha in args.shrink:
-                vname = name + (f"-shrink{alpha:g}" if alpha != 1.0 else "")
+                vname = name + (f"-shrink{alpha:g}" if alpha != 1.0 else "") + (
+                    "-labelcenter" if args.center == "labels" else "")
                 h = retrofit.load(model, d)
                 try:
-                    if alpha != 1.0:
+                    biases = args.skip_bias
+                    center = label_center([r for r in recs if r.get("found")], L) if args.center == "labels" else None
+                    if alpha != 1.0 or args.layer_fractions or center is not None:
                         sub = [{**r, "plan": ["execute"] * L} for r in recs if r.get("found")][:args.shrink_examples]
                         f, v, _ = collect(h, tok, sub, progress=False)
-                        shrink_routers(h.routers, f, v, alpha)
+                        if alpha != 1.0 or center is not None:
+                            shrink_routers(h.routers, f, v, alpha, center)
+                        if args.layer_fractions:
+                            biases = [round(calibrate_skip_bias(h.routers, f, v, x)[0], 4)
+                                      for x in args.layer_fractions]
                         del f, v
-                    plans = {b: router_plans(model, tok, h, val, b) for b in args.skip_bias}
-                    res = score(ev, val, {f"b{b:g}": plans[b] for b in args.skip_bias}, f"validation {vname}")
+                    plans = {b: router_plans(model, tok, h, val, b) for b in biases}
+                    res = score(ev, val, {f"b{b:g}": plans[b] for b in biases}, f"validation {vname}")
                 finally:
                     h.detach()
                 curve, gains = [], []
-                for b in args.skip_bias:
+                for b in biases:
                     s = summary(res[f"b{b:g}"], plans[b], L)
                     k = static_k(plans[b], L)
                     st = out["static"].get(k, base_acc if k == 0 else None)

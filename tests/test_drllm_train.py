@@ -172,10 +172,32 @@ def test_shrink_pulls_logits_toward_their_mean_exactly():
             assert torch.allclose(got_mean, mean, atol=1e-5)
             assert torch.allclose(after, mean + alpha * (before - mean), atol=1e-5)
         assert (before.std(0) > 0.1).all()  # the routers did react per example before the shrink
+        center = torch.randn(L, 3)
+        b = RouterBank(L, d, bottleneck=8)
+        b.load_state_dict(bank.state_dict())
+        shrink_routers(b, feats, valid, 0.25, center)
+        assert torch.allclose(b(feats, valid), center + 0.25 * (before - mean), atol=1e-5)
     with pytest.raises(ValueError, match="shrink"):
         shrink_routers(bank, feats, valid, 1.5)
     with pytest.raises(ValueError, match="shrink"):
         TrainConfig(shrink=-0.1)
+    with pytest.raises(ValueError, match="center"):
+        TrainConfig(center="mean")
+
+
+def test_label_center_at_shrink_zero_gives_the_labels_voted_plan():
+    from retrofit.methods.drllm.train import label_center
+    from retrofit.search.diagnostics import label_shares, voted_plan
+
+    recs = [{"plan": ["skip" if i in s else "execute" for i in range(5)]} for s in
+            ({1, 3}, {3}, {3, 4}, {1}, {3, 0})]
+    c = label_center(recs, 5)
+    assert torch.allclose(c.exp().sum(-1), torch.ones(5))
+    assert c[3, 0] > c[1, 0] > c[0, 0] == c[4, 0] > c[2, 0]  # skip shares 4/5, 2/5, 1/5, 1/5, 0
+    assert c[:, 2].max() <= c[:, 0].min()  # repeats never labelled (layer 2: no skip either)
+    # a skip bias that lets the two most skipped layers cross: exactly the voted plan for k = 2
+    a = (c + torch.tensor([0.9, 0.0, 0.0])).argmax(-1)
+    assert ["skip" if x == 0 else "execute" for x in a.tolist()] == voted_plan(label_shares(recs), 2)
 
 
 def test_layer_fraction_calibrates_the_artifacts_skip_bias(tmp_path):

@@ -54,6 +54,10 @@ class TrainConfig:
     # (two seeds' labels agree per layer barely above chance on SmolLM2), a small value keeps the layers the
     # labels mostly skip and lets the routers decide per question only near the threshold. See docs/drllm.md.
     shrink: float = 1.0
+    # what the shrink pulls toward: "routers" (the routers' own mean logits) or "labels" (per layer the log of the
+    # search labels' action shares, Laplace-smoothed: at shrink 0 the routers then skip the layers the labels skip
+    # most, the labels' voted static plan, whatever the budget)
+    center: str = "routers"
     # when set, the artifact's default skip_bias is chosen so that the routers execute this share of the block
     # passes on the training prompts (features under the all-execute plan; exact for shrink 0, an estimate
     # otherwise: ``stats()`` reports the realised share). None keeps skip_bias 0 (the paper).
@@ -62,6 +66,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.target not in TARGETS:
             raise ValueError(f"target={self.target!r}: use one of {TARGETS} ('shortest' is the paper's)")
+        if self.center not in ("routers", "labels"):
+            raise ValueError(f"center={self.center!r}: use 'routers' (their own mean logits) or 'labels' (the "
+                             "labels' action shares)")
         if self.unlabeled not in ("drop", "execute"):
             raise ValueError(f"unlabeled={self.unlabeled!r}: use 'drop' (the paper) or 'execute'")
         checks = {
@@ -190,8 +197,11 @@ def _load_checkpoint(path: Path, key: dict) -> dict | None:
 
 
 def train_routers(handle, features, valid, labels, cfg: TrainConfig, progress: bool = True,
-                  checkpoint: str | Path | None = None, stop_after: int | None = None) -> dict:
+                  checkpoint: str | Path | None = None, stop_after: int | None = None,
+                  center: torch.Tensor | None = None) -> dict:
     """Train ``handle.routers`` in place on collected features. Returns the training report.
+
+    ``center`` [L, 3]: the logits that ``cfg.shrink`` pulls toward instead of the routers' own mean.
 
     ``checkpoint``: a file written after every epoch (routers, best routers so far, optimizer, schedule, RNG
     states, history; atomically). If it exists, training resumes after its last epoch and ends as an
@@ -296,8 +306,8 @@ def train_routers(handle, features, valid, labels, cfg: TrainConfig, progress: b
     if best_state is not None:
         routers.load_state_dict(best_state)
     routers.eval().requires_grad_(False)
-    if cfg.shrink != 1.0:
-        shrink_routers(routers, features, valid, cfg.shrink)
+    if cfg.shrink != 1.0 or center is not None:
+        shrink_routers(routers, features, valid, cfg.shrink, center)
     calibrated = None
     if cfg.layer_fraction is not None:
         b, reached = calibrate_skip_bias(routers, features, valid, cfg.layer_fraction)
@@ -323,11 +333,13 @@ def train_routers(handle, features, valid, labels, cfg: TrainConfig, progress: b
 
 
 @torch.no_grad()
-def shrink_routers(routers, features: torch.Tensor, valid: torch.Tensor, alpha: float) -> torch.Tensor:
+def shrink_routers(routers, features: torch.Tensor, valid: torch.Tensor, alpha: float,
+                   center: torch.Tensor | None = None) -> torch.Tensor:
     """Pull every router's logits toward their mean over ``features`` [N, L, W, d] (``valid`` [N, L, W]), in place:
     logits' = mean + alpha * (logits - mean), exactly, because fc2 is linear in the window-averaged hidden units:
-    fc2.weight <- alpha * fc2.weight, fc2.bias <- fc2.bias + (1 - alpha) * fc2.weight @ mean hidden. Returns the
-    mean logits [L, 3] (unchanged by the shrink)."""
+    fc2.weight <- alpha * fc2.weight, fc2.bias <- fc2.bias + (1 - alpha) * fc2.weight @ mean hidden. With
+    ``center`` [L, 3], the mean is moved there too: logits' = center + alpha * (logits - mean). Returns the
+    routers' mean logits [L, 3] before the shrink."""
     if not 0 <= alpha <= 1:
         raise ValueError(f"shrink must lie in [0, 1], got {alpha!r}")
     F = nn.functional
@@ -339,8 +351,20 @@ def shrink_routers(routers, features: torch.Tensor, valid: torch.Tensor, alpha: 
         mean_logit = r.fc2.weight @ hbar + r.fc2.bias
         r.fc2.bias.add_((1 - alpha) * (r.fc2.weight @ hbar))
         r.fc2.weight.mul_(alpha)
+        if center is not None:
+            r.fc2.bias.add_(center[i].to(r.fc2.bias) - mean_logit)
         means.append(mean_logit)
     return torch.stack(means)
+
+
+@torch.no_grad()
+def label_center(records: list[dict], L: int) -> torch.Tensor:
+    """[L, 3] log of the labels' (``plan``) action shares per layer, Laplace-smoothed."""
+    counts = torch.ones(L, 3)
+    for r in records:
+        for i, a in enumerate(r["plan"]):
+            counts[i, ACTIONS.index(a)] += 1
+    return (counts / counts.sum(-1, keepdim=True)).log()
 
 
 @torch.no_grad()
@@ -412,7 +436,9 @@ def train_from_searches(model, tokenizer, search_files, out_dir, cfg: TrainConfi
         ckpt.parent.mkdir(parents=True, exist_ok=True)
         if not resume:
             ckpt.unlink(missing_ok=True)
-        report = train_routers(handle, feats, valid, labels, cfg, progress, checkpoint=ckpt, stop_after=stop_after)
+        center = label_center(kept, handle.num_layers) if cfg.center == "labels" else None
+        report = train_routers(handle, feats, valid, labels, cfg, progress, checkpoint=ckpt, stop_after=stop_after,
+                               center=center)
         if report.get("interrupted"):
             return report  # stopped on purpose (a simulated kill): the checkpoint stays, nothing saved
         report["search_files"] = [str(p) for p in search_files]

@@ -19,7 +19,7 @@ import typer
 def run_pipeline(workdir: Path, train_examples: int = 32, test_examples: int = 100, simulations: int = 50,
                  seed: int = 0, task: str = "arc_easy", eval_task: str = "arc_easy", epochs: int = 25,
                  model_name: str = "default", batch_size: int = 16, layer_fraction: float = 0.9,
-                 shrink: float = 0.0, target: str = "safety") -> dict:
+                 shrink: float = 0.0, target: str = "safety", center: str = "labels") -> dict:
     from retrofit.eval.plots import plot_action_heatmap
     from retrofit.eval.runner import RunExistsError, plot_accuracy_vs_layers
     from retrofit.eval.runner import evaluate
@@ -43,9 +43,10 @@ def run_pipeline(workdir: Path, train_examples: int = 32, test_examples: int = 1
 
     routers = workdir / "routers"
     typer.echo("[2/4] training Dr.LLM routers on the searched plans")
-    # safety targets, pulled to their mean and calibrated to the budget: the recipe chosen on ARC-Easy validation
-    # (docs/drllm.md); target="shortest", shrink=1, layer_fraction=None is the paper's
-    cfg = TrainConfig(epochs=epochs, seed=seed, target=target, shrink=shrink, layer_fraction=layer_fraction)
+    # safety targets, pulled toward the labels' per-layer shares and calibrated to the budget: the recipe chosen on
+    # ARC-Easy validation (docs/drllm.md); target="shortest", shrink=1, layer_fraction=None is the paper's
+    cfg = TrainConfig(epochs=epochs, seed=seed, target=target, shrink=shrink, layer_fraction=layer_fraction,
+                      center=center)
     if not (routers / "retrofit.json").is_file():
         rep = train_from_searches(model, tok, [workdir / "search.jsonl"], routers, cfg)
     else:
@@ -117,17 +118,19 @@ def register(app: typer.Typer) -> None:
         shrink: float = typer.Option(0.0, help="scale of the routers' per-question deviation from their mean "
                                      "logits (0: the labels' static plan, 1: as trained)"),
         target: str = typer.Option("safety", help="router labels: 'safety', 'shortest' (the paper) or 'soft'"),
+        center: str = typer.Option("labels", help="what shrink pulls toward: 'labels' (their per-layer action "
+                                   "shares) or 'routers' (their own mean logits)"),
     ):
         """Search -> train -> evaluate Dr.LLM routers on the default model and a slice of ARC-Easy (minutes)."""
         from retrofit.eval.runner import RunExistsError
         from retrofit.methods.drllm.train import TrainConfig
 
         try:
-            TrainConfig(target=target, shrink=shrink, layer_fraction=layer_fraction)
+            TrainConfig(target=target, shrink=shrink, layer_fraction=layer_fraction, center=center)
         except ValueError as e:  # a bad training option, named by TrainConfig
             raise typer.BadParameter(str(e)) from None
         try:
             run_pipeline(workdir, train_examples, test_examples, simulations, seed, model_name=model,
-                         layer_fraction=layer_fraction, shrink=shrink, target=target)
+                         layer_fraction=layer_fraction, shrink=shrink, target=target, center=center)
         except RunExistsError as e:  # an earlier run's results with other settings: never replaced silently
             raise typer.BadParameter(f"{e} (or use another --workdir)") from None

@@ -2,7 +2,8 @@
 
 Tiny random models of every supported family. Each test would fail with the feature broken:
 * the rows a layer sees are counted (a hook on each layer's input norm): the sub-batch has exactly the rows
-  that run the pass, a layer no row runs is never called, and each pass's cache slot holds just its rows;
+  that run the pass (or that many padded to an even count), a layer no row runs is never called, and each
+  pass's cache slot holds just its rows;
 * sub-batched logits equal the all-rows path (``handle.sub_batch = False``, the runtime before issue 16) with
   left padding, mixed skip / execute / repeat rows;
 * cached greedy decoding equals step-by-step recomputation, and every row equals the row run alone.
@@ -23,8 +24,11 @@ PLANS = [
     ["execute", "execute", "execute", "skip"],
     ["repeat", "skip", "execute", "skip"],
 ]
-ROWS_PER_PASS = [[3, 1], [2, 1], [4, 2], []]  # rows per block pass, by layer
-SLOT_ROWS = [3, 1, 2, 1, 4, 2]  # rows each cache slot holds (slots in execution order)
+# rows per block pass, by layer, and rows each cache slot holds (slots in execution order), for sub-batches
+# of exactly the rows that run a pass (multiple 1) and padded to an even number of rows (multiple 2, the default:
+# 3 of 4 rows -> the whole batch, 1 row -> 2)
+ROWS_PER_PASS = {1: [[3, 1], [2, 1], [4, 2], []], 2: [[4, 2], [2, 2], [4, 2], []]}
+SLOT_ROWS = {1: [3, 1, 2, 1, 4, 2], 2: [4, 2, 2, 2, 4, 2]}
 LENGTHS = [9, 6, 9, 4]  # real tokens per row, left padded to 9
 
 
@@ -69,27 +73,29 @@ def _generate(model, ids, mask, n):
     return model.generate(ids, attention_mask=mask, max_new_tokens=n, do_sample=False)
 
 
+@pytest.mark.parametrize("multiple", [1, 2])
 @pytest.mark.parametrize("family", ALL_FAMILIES)
-def test_sub_batches_run_only_their_rows_and_match_the_all_rows_path(family):
+def test_sub_batches_run_only_their_rows_and_match_the_all_rows_path(family, multiple):
     model = tiny_model(family)
     model.generation_config.eos_token_id = None
     ids, mask, _ = _batch()
     h = retrofit.attach(model, "drllm")
+    h.sub_batch_multiple = multiple
     h.set_plan(PLANS)
     seen, hooks = _count_rows(model)
     with torch.no_grad():
         out = model(ids, attention_mask=mask, position_ids=_positions(mask), use_cache=True)
         for hk in hooks:
             hk.remove()
-        assert seen == ROWS_PER_PASS  # only the rows that run a pass go through it; layer 3 is never called
+        assert seen == ROWS_PER_PASS[multiple]  # only a pass's (padded) rows go through it; layer 3 never runs
         cache = out.past_key_values
-        assert [cache.layers[s].keys.shape[0] for s in range(len(SLOT_ROWS))] == SLOT_ROWS
+        assert [cache.layers[s].keys.shape[0] for s in range(len(SLOT_ROWS[multiple]))] == SLOT_ROWS[multiple]
         h.sub_batch = False  # the all-rows path (torch.where): same logits at every real token
         seen_all, hooks = _count_rows(model)
         ref = model(ids, attention_mask=mask, position_ids=_positions(mask)).logits
         for hk in hooks:
             hk.remove()
-        assert seen_all == [[4] * len(x) for x in ROWS_PER_PASS]
+        assert seen_all == [[4] * len(x) for x in ROWS_PER_PASS[1]]
         real = mask.bool()
         torch.testing.assert_close(out.logits[real], ref[real], rtol=1e-5, atol=1e-5)
         h.sub_batch = True
@@ -98,7 +104,7 @@ def test_sub_batches_run_only_their_rows_and_match_the_all_rows_path(family):
         gen = _generate(model, ids, mask, 5)
         for hk in hooks:
             hk.remove()
-        assert seen == [x * 5 for x in ROWS_PER_PASS]  # prefill + 4 decode steps, the same rows every step
+        assert seen == [x * 5 for x in ROWS_PER_PASS[multiple]]  # prefill + 4 decode steps, same rows each step
         assert torch.equal(gen, _greedy_nocache(model, ids, mask, 5))
         h.sub_batch = False
         assert torch.equal(_generate(model, ids, mask, 5), gen)
@@ -133,6 +139,7 @@ def test_router_decisions_route_the_sub_batches():
     model = tiny_model("llama")
     model.generation_config.eos_token_id = None
     h = retrofit.attach(model, "drllm", bottleneck=8)
+    h.sub_batch_multiple = 1  # exactly the rows each router sends through its layer
     h.init_routers(seed=4)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -177,3 +184,30 @@ def test_a_cache_with_preallocated_rows_takes_the_all_rows_path():
     assert all(n == 4 for x in seen for n in x)
     with torch.no_grad():
         assert torch.equal(gen, _greedy_nocache(model, ids, mask, 4))
+
+
+def test_beam_search_follows_the_sub_batch_caches():
+    """Beam search reorders the cache rows at every step; each sub-batch slot maps the reorder onto its rows."""
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = None
+    h = retrofit.attach(model, "drllm", bottleneck=8)
+    h.init_routers(seed=4)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for r in h.routers.router:
+            r.fc1.weight.normal_(0, 3.0, generator=g)
+            r.fc2.weight.normal_(0, 3.0, generator=g)
+    ids = torch.randint(3, 128, (3, 10), generator=g)
+    seen, hooks = _count_rows(model)
+    with torch.no_grad():
+        beams = model.generate(ids, max_new_tokens=4, num_beams=3, do_sample=False)
+        for hk in hooks:
+            hk.remove()
+        plans = h.last_plans
+        assert len({tuple(p) for p in plans}) > 1 and any(0 < x[0] < 9 for x in seen)  # real sub-batches
+        h.sub_batch = False
+        assert torch.equal(model.generate(ids, max_new_tokens=4, num_beams=3, do_sample=False), beams)
+        h.sub_batch = True
+        cache = model(ids, use_cache=True).past_key_values
+    with pytest.raises(RuntimeError, match="sub_batch = False"):  # other decoding modes' batch edits: refused
+        cache.batch_select_indices(torch.tensor([0]))

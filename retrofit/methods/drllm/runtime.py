@@ -58,16 +58,17 @@ class _Request:
     """What stays fixed for one request (one KV cache): the plans and, per layer, which rows run each pass.
 
     ``routes[i]`` is None until layer i's actions are known, then a tuple with one entry per block pass that
-    any row runs: None when every row runs it, else ``(key, rows)`` with ``rows`` a sorted index tensor of the
-    rows that do (``key`` a tuple of them, shared by every pass with the same rows)."""
+    any row runs: None when every row runs it, else a :class:`_Pass`."""
 
-    __slots__ = ("plans", "routes", "sub_batch", "rows")
+    __slots__ = ("plans", "routes", "sub_batch", "multiple", "rows", "slot_rows")
 
-    def __init__(self, plans: torch.Tensor, num_layers: int, sub_batch: bool):
+    def __init__(self, plans: torch.Tensor, num_layers: int, sub_batch: bool, multiple: int = 1):
         self.plans = plans
         self.routes: list[tuple | None] = [None] * num_layers
         self.sub_batch = sub_batch
-        self.rows: dict[tuple, torch.Tensor] = {}
+        self.multiple = multiple
+        self.rows: dict[tuple, _Pass] = {}
+        self.slot_rows: list[_Pass | None] = []  # per cache slot: whom it holds (None: every row)
 
     def route(self, i: int, acts: torch.Tensor, counts: list[int]) -> tuple:
         """Layer i's route from its actions [B] and their counts [skip, execute, repeat]."""
@@ -79,11 +80,74 @@ class _Request:
             if n == batch:
                 passes.append(None)
                 continue
-            rows = (acts > p).nonzero().flatten()
-            key = tuple(rows.tolist())
-            passes.append((key, self.rows.setdefault(key, rows)))
+            real = acts > p
+            key = tuple(real.nonzero().flatten().tolist())
+            if key not in self.rows:
+                self.rows[key] = _Pass(real, key, batch, self.multiple)
+            passes.append(self.rows[key])
         self.routes[i] = tuple(passes)
         return self.routes[i]
+
+    def guard_cache(self, pkv) -> None:
+        """Make a cache whose slots hold sub-batches safe for generate()'s whole-batch cache edits: beam search's
+        reorder maps each slot's rows (a new row takes the history of its source beam, which runs the same
+        passes: beams of one prompt share its plan), and the batch edits of other decoding modes are refused."""
+        slot_rows = self.slot_rows
+        if pkv is None or not any(r is not None for r in slot_rows) or not hasattr(pkv, "layers"):
+            return
+        batch = self.plans.shape[0]
+
+        def reorder_cache(beam_idx):
+            for s, layer in enumerate(pkv.layers):
+                ps = slot_rows[s] if s < len(slot_rows) else None
+                if ps is None:
+                    layer.reorder_cache(beam_idx)
+                    continue
+                rows = ps.rows
+                local = torch.full((batch,), -1, dtype=torch.long, device=rows.device)
+                local[rows] = torch.arange(rows.numel(), device=rows.device)
+                src = local[beam_idx.to(rows.device)[rows]]
+                # a padding row's entries are never read (its output is dropped): any history will do
+                src = torch.where((src < 0) & ~ps.kept_mask, torch.zeros_like(src), src)
+                if bool((src < 0).any()):
+                    raise RuntimeError("Dr.LLM: beam search moved a sequence onto a row with another plan; the "
+                                       "per-layer sub-batch cache cannot follow that (set handle.sub_batch = False)")
+                layer.reorder_cache(src)
+
+        def refuse(*args, **kwargs):
+            raise RuntimeError("Dr.LLM: this decoding mode edits the KV cache's batch, whose layers hold per-layer "
+                               "sub-batches here; set handle.sub_batch = False for it")
+
+        pkv.reorder_cache = reorder_cache
+        pkv.batch_repeat_interleave = refuse
+        pkv.batch_select_indices = refuse
+
+
+class _Pass:
+    """One block pass that only some rows run: ``real`` [B] bool, the rows whose output is kept (``key``: their
+    indices). With ``multiple`` > 1 the sub-batch is padded up to a multiple of it with rows that do not run the
+    pass (their output is dropped and their cache entries in this slot are never read): on CPUs an odd-sized
+    matrix product can cost more than the next even one. ``rows``: the sub-batch (sorted), ``sel``: where the
+    kept rows sit in it (None when all of it is kept), ``kept``: their indices; ``full``: the sub-batch is the
+    whole batch (then the block runs on every row and ``keep`` [B, 1, 1] picks the kept outputs)."""
+
+    __slots__ = ("key", "kept", "rows", "sel", "kept_mask", "full", "keep")
+
+    def __init__(self, real: torch.Tensor, key: tuple, batch: int, multiple: int):
+        self.key = key
+        self.keep = real.view(-1, 1, 1)
+        n = len(key)
+        size = min(batch, -(-n // multiple) * multiple)
+        self.full = size == batch
+        self.kept = real.nonzero().flatten()
+        if size > n:  # pad with the first rows that do not run the pass
+            extra = (~real).nonzero().flatten()[: size - n]
+            rows, _ = torch.sort(torch.cat([self.kept, extra]))
+        else:
+            rows = self.kept
+        self.rows = rows
+        self.kept_mask = real[rows]
+        self.sel = None if size == n else self.kept_mask.nonzero().flatten()
 
 
 def _sub_batch_cache(pkv) -> bool:
@@ -139,6 +203,12 @@ class DrLLM(Method):
         #: run each block pass on just the rows that need it (per-layer sub-batches with their own cache rows);
         #: False runs it for the whole batch when any row needs it (``torch.where``), the pre-sub-batch runtime
         self.sub_batch = True
+        #: pad each sub-batch up to a multiple of this many rows (rows that skip the pass fill it; their output is
+        #: dropped). 2 by default: on this CPU (MKL) a matrix product of an odd number of rows often costs more
+        #: than the next even one; 1 runs exactly the rows that need the pass
+        self.sub_batch_multiple = 2
+        self._pool_cache: dict = {}
+        self._bias_cache: tuple | None = None
         self._tracker = RequestTracker()
         self._hooks = []
         self._patches = []
@@ -261,7 +331,8 @@ class DrLLM(Method):
                 st.mask = None  # not a plain padding mask: pool over every token
             st.pool = None
             self._plans = acts
-            req = self._request = _Request(acts, self.num_layers, bool(self.sub_batch) and _sub_batch_cache(pkv))
+            req = self._request = _Request(acts, self.num_layers, bool(self.sub_batch) and _sub_batch_cache(pkv),
+                                           self.sub_batch_multiple)
             if not deciding:  # every layer's rows are known now: route them all at once
                 counts = torch.nn.functional.one_hot(acts, 3).sum(0).tolist()  # [L, 3]
                 for i in range(self.num_layers):
@@ -275,6 +346,8 @@ class DrLLM(Method):
         if self._tracker.finish(output):  # a cache created inside the forward is adopted by the request
             self._plans = st.actions
             self._record(st.actions)
+            pkv = getattr(output, "past_key_values", None)
+            self._request.guard_cache(pkv if pkv is not None else st.cache)
         st.deciding = False
         st.cache = None
         st.actions = None
@@ -292,9 +365,7 @@ class DrLLM(Method):
         of batched ops, nothing per row), the actions written into the step's actions [B, L]."""
         st = self._step
         if st.pool is None or st.pool[0].shape[-1] != hidden.shape[1]:
-            mask = st.mask if st.mask is not None else torch.ones(hidden.shape[:2], dtype=torch.long)
-            A, valid = window_matrix(mask.to(hidden.device), self.config.num_windows)
-            st.pool = (A, valid, window_weights(valid), self._layer_biases(hidden.device))
+            st.pool = (*self._pooling(st.mask, hidden), self._layer_biases(hidden.device))
         A, valid, weights, biases = st.pool
         means = torch.bmm(A, hidden if hidden.dtype == torch.float32 else hidden.float())
         if st.capture is not None:
@@ -307,6 +378,8 @@ class DrLLM(Method):
         else:
             acts = self._router_actions(i, means, weights, biases)
         st.actions[:, i] = acts
+        al = acts.tolist()  # the one read-back per layer: which rows run it (counted in C, not per row)
+        self._request.route(i, acts, [al.count(SKIP), al.count(EXECUTE), al.count(REPEAT)])
 
     def _router_actions(self, i: int, means: torch.Tensor, weights: torch.Tensor, biases: torch.Tensor):
         """Actions [B] of router i from window means [B, W, d]: fc1 + GELU on every window, the valid windows'
@@ -314,8 +387,9 @@ class DrLLM(Method):
         folded into its bias, argmax. A non-finite input (NaN would read as "skip") is an error."""
         F = nn.functional
         r = self.routers[i]
-        hid = F.gelu(F.linear(means, r.fc1.weight, r.fc1.bias), approximate="tanh")
-        pooled = torch.bmm(weights, hid).squeeze(1)  # [B, bottleneck]
+        B, W, d = means.shape
+        hid = F.gelu(torch.addmm(r.fc1.bias, means.view(B * W, d), r.fc1.weight.t()), approximate="tanh")
+        pooled = torch.bmm(weights, hid.view(B, W, -1)).squeeze(1)  # [B, bottleneck]
         if not math.isfinite(float(pooled.sum())):  # NaN / inf anywhere in the window means reaches this sum
             bad = ~torch.isfinite(means).flatten(1).all(1)
             rows = bad.nonzero().flatten().tolist()
@@ -325,12 +399,37 @@ class DrLLM(Method):
                 "overflows easily: load the model in bfloat16 or float32)")
         return torch.addmm(biases[i], pooled, r.fc2.weight.t()).argmax(-1)
 
+    def _pooling(self, mask, hidden: torch.Tensor):
+        """(averaging matrix [B, W, T], validity [B, W], window weights [B, 1, W]) of one prefill. Without
+        padding they depend only on (T, W), so they are kept for the next prefill of that length."""
+        W = self.config.num_windows
+        if mask is not None:
+            A, valid = window_matrix(mask.to(hidden.device), W)
+            return A, valid, window_weights(valid)
+        B, T = hidden.shape[:2]
+        key = (T, W, hidden.device)
+        hit = self._pool_cache.get(key)
+        if hit is None:
+            A, valid = window_matrix(torch.ones(1, T, dtype=torch.long, device=hidden.device), W)
+            hit = (A, valid, window_weights(valid))
+            if len(self._pool_cache) >= 64:
+                self._pool_cache.clear()
+            self._pool_cache[key] = hit
+        return tuple(x.expand(B, *x.shape[1:]) for x in hit)
+
     def _layer_biases(self, device) -> torch.Tensor | None:
-        """[L, 3]: each router's fc2 bias plus the budget knob, built once per prefill (None without routers)."""
+        """[L, 3]: each router's fc2 bias plus the budget knob (None without routers); rebuilt only when the
+        routers, their biases (training writes them in place) or the knob change."""
         if self.routers is None:
             return None
-        with torch.no_grad():
-            return torch.stack([r.fc2.bias for r in self.routers.router]) + self._decision_bias(device)
+        cfg = self.config
+        fc2 = [r.fc2.bias for r in self.routers.router]
+        key = (id(self.routers), cfg.skip_bias, cfg.repeat_bias, cfg.allow_repeat, device,
+               tuple(b._version for b in fc2), tuple(b.data_ptr() for b in fc2))
+        if self._bias_cache is None or self._bias_cache[0] != key:
+            with torch.no_grad():
+                self._bias_cache = (key, torch.stack(fc2).to(device) + self._decision_bias(device))
+        return self._bias_cache[1]
 
     def _decision_bias(self, device) -> torch.Tensor:
         """The budget knob as one logit bias [skip, execute, repeat], read from the config at each prefill."""
@@ -369,10 +468,10 @@ class DrLLM(Method):
             if st.deciding or st.capture is not None:
                 self._decide(i, hidden_states)
             req = self._request
-            route = req.routes[i]
-            if route is None:  # decided just now by the router
-                acts = st.actions[:, i]
-                route = req.route(i, acts, torch.bincount(acts, minlength=3).tolist())
+            route = req.routes[i]  # known: from the plan at the start of the request, or from the router just now
+            if route is None:
+                raise RuntimeError(f"Dr.LLM: decoder layer {i} was reached before its actions were known (the "
+                                   "decoder did not run its layers in order through their forwards)")
             batch = hidden_states.shape[0]
             # a sub-batch needs every batch-shaped argument to be one it knows how to gather
             sub = req.sub_batch and not args and not any(
@@ -383,9 +482,12 @@ class DrLLM(Method):
                 for p, entry in enumerate(route):
                     slot = st.slot
                     st.slot += 1
+                    if len(req.slot_rows) == slot:  # first step of the request: record who holds the slot
+                        req.slot_rows.append(entry if entry is not None and sub and not entry.full else None)
                     _ensure_slot(pkv, slot)
                     for m in slot_mods:
                         m.layer_idx = slot
+                    prev = kwargs.get(passthrough) if passthrough else None
                     if entry is None:  # every row runs this pass
                         new = orig(out, *args, **kwargs)
                         if isinstance(new, tuple):  # e.g. GLM-MoE-DSA returns (hidden, topk_indices)
@@ -393,23 +495,25 @@ class DrLLM(Method):
                             if passthrough:
                                 kwargs[passthrough] = extra
                         out = new
-                    elif sub:  # only these rows, with their own cache rows in this slot
-                        key, rows = entry
-                        kw = self._gather(key, rows, kwargs, batch)
-                        prev = kwargs.get(passthrough) if passthrough else None
+                    elif sub and not entry.full:  # only these rows, with their own cache rows in this slot
+                        rows = entry.rows
+                        kw = self._gather(entry.key, rows, kwargs, batch)
                         if prev is not None:
                             kw[passthrough] = prev.index_select(0, rows)
                         new = orig(out.index_select(0, rows), **kw)
                         if isinstance(new, tuple):
                             new, extra = new[0], new[1]
                             if passthrough and extra is not None:
+                                if entry.sel is not None:
+                                    extra = extra.index_select(0, entry.sel)
                                 # rows without a value yet get -1 (a layer that reads it fails, as the row alone)
                                 full = prev if prev is not None else extra.new_full((batch, *extra.shape[1:]), -1)
-                                kwargs[passthrough] = full.index_copy(0, rows, extra)
-                        out = out.index_copy(0, rows, new)
+                                kwargs[passthrough] = full.index_copy(0, entry.kept, extra)
+                        if entry.sel is not None:
+                            new = new.index_select(0, entry.sel)
+                        out = out.index_copy(0, entry.kept, new)
                     else:  # all rows run it; the others keep what they had
-                        keep = (st.actions[:, i] > p).view(-1, 1, 1)
-                        prev = kwargs.get(passthrough) if passthrough else None
+                        keep = entry.keep
                         new = orig(out, *args, **kwargs)
                         if isinstance(new, tuple):
                             new, extra = new[0], new[1]

@@ -6,9 +6,9 @@ row r skips k_r layers (k_r uniform in 4..8, mean 6 of 30), chosen without repla
 proportional to how often the search labels skip each layer (``label_skip_share`` in
 bench/results/drllm_labels.json), so the skips spread over the stack the way trained routers' do.
 
-ideal saving  = for each row, the measured time of the layers it skips in an instrumented all-execute run of the
-                same batch (per-layer timers on every decoder-layer call: prefill + each decode step), averaged
-                over the rows (each layer's time is the whole batch's, so the average row's share of it);
+ideal saving  = for each row, the share of an instrumented all-execute run of the same batch taken by the layers
+                it skips (per-layer timers on every decoder-layer call: prefill + each decode step), averaged
+                over the rows, times base_s (each layer's time is the whole batch's, so the average row's share);
 realised      = (base_s - plan_s) / ideal saving, with base_s (all execute) and plan_s (per-row plans) the
                 medians of alternating, uninstrumented generate() runs in the same process. At batch 16 the
                 same plans also run on the all-rows path (``handle.sub_batch = False``, the runtime before).
@@ -102,11 +102,11 @@ def layer_times(model, ids, mask, n):
             spent[i] += clock() - starts[i]
         hooks.append(layer.register_forward_hook(post))
     try:
-        timed_generate(model, ids, mask, n)
+        total, _ = timed_generate(model, ids, mask, n)
     finally:
         for hk in hooks:
             hk.remove()
-    return spent
+    return spent, total
 
 
 def uniform_plans(plans):
@@ -120,8 +120,9 @@ def uniform_plans(plans):
 def measure_batch(model, h, ids, mask, plans, n, repeats, all_rows=False):
     h.set_plan(None)  # no routers attached: every layer executes
     timed_generate(model, ids, mask, 4)  # warm-up
-    spent = layer_times(model, ids, mask, n)
-    ideal = statistics.mean(sum(t for t, a in zip(spent, p) if a == "skip") for p in plans)
+    spent, total = layer_times(model, ids, mask, n)
+    # each row's skipped layers' share of the instrumented run, averaged over rows, times the base median
+    share = statistics.mean(sum(t for t, a in zip(spent, p) if a == "skip") for p in plans) / total
     runs = {"base": [], "plan": []}
     if all_rows:
         runs["all_rows"] = []
@@ -136,11 +137,14 @@ def measure_batch(model, h, ids, mask, plans, n, repeats, all_rows=False):
     h.sub_batch = True
     h.set_plan(None)
     med = {k: statistics.median(v) for k, v in runs.items()}
+    ideal = share * med["base"]
     res = {
         "rows": int(ids.shape[0]),
         "prompt_tokens_padded": int(ids.shape[1]),
         "mean_layer_fraction": round(statistics.mean(p.count("execute") for p in plans) / len(plans[0]), 4),
+        "instrumented_s": round(total, 4),
         "layer_s_total": round(sum(spent), 4),
+        "ideal_share": round(share, 4),
         "ideal_saving_s": round(ideal, 4),
         "base_s": round(med["base"], 4),
         "plan_s": round(med["plan"], 4),
@@ -274,7 +278,17 @@ def main():
     uniform = measure_batch(model, h, ids, mask, uniform_plans(plans), args.new_tokens, args.repeats)
     print("uniform", json.dumps(uniform), flush=True)
     h.detach()
-    cost_by_rows, full_call_s = decode_layer_cost_by_rows(model)
+    cost_by_rows, full_call_s = decode_layer_cost_by_rows(model, rows=tuple(range(1, B + 1)))
+    # what this machine allows at decode: each layer's saving if a sub-batch cost exactly the measured layer cost
+    # of its (padded) size and nothing else, against the ideal (B - n) / B of the layer
+    multiple = 2  # the runtime's default sub_batch_multiple
+    saving = ideal = 0.0
+    for i in range(L):
+        n = sum(p[i] != "skip" for p in plans)
+        size = n if n in (0, B) else min(B, -(-n // multiple) * multiple)
+        saving += 1.0 - (cost_by_rows[str(size)] if size else 0.0)
+        ideal += (B - n) / B
+    decode_bound = round(saving / ideal, 4)
 
     big = by_batch[str(B)]
     result = {
@@ -290,13 +304,17 @@ def main():
                                       "layer runs for no row)",
         "decode_layer_cost_by_rows": cost_by_rows,
         "decode_layer_call_s_all_rows": full_call_s,
+        "decode_bound_fraction": decode_bound,
+        "decode_bound_definition": "sum over layers of (1 - cost of the layer's padded sub-batch / cost for all "
+                                   "rows) over sum of (rows skipping it / rows): the realised fraction a decode "
+                                   "step would reach at batch hf_batch if a sub-batch cost only its measured size",
         "decode_layer_cost_definition": "one decode-step call of layer 15 for k rows (64 cached tokens), median of "
                                         "30, relative to the call for all rows",
         "plans": ["".join(a[0] for a in p) for p in plans],
         "plans_definition": "row r skips k_r ~ U{4..8} layers drawn without replacement with probability "
                             "proportional to the search labels' per-layer skip share (drllm_labels.json)",
-        "realised_fraction_definition": "(base_s - plan_s) / mean over rows of the skipped layers' time in an "
-                                        "instrumented all-execute generate() of the same batch",
+        "realised_fraction_definition": "(base_s - plan_s) / ideal, ideal = base_s x mean over rows of the skipped "
+                                        "layers' share of an instrumented all-execute generate() of the same batch",
         "vllm_router_speedup": None,
         "vllm_ideal_speedup": None,
         "vllm_outputs_match_hf": None,

@@ -15,8 +15,11 @@ How it hooks in (peft-style, in place): every decoder layer's ``forward`` is ove
   runs on those k rows and the result is scattered back; the other rows keep their input. The set of rows of
   each pass is fixed for the whole request, so that pass's cache slot holds just those k rows (a dynamic
   cache layer fills itself from the first keys it is given). Rows that skip cost nothing, and a block that no
-  row runs is never called. Where a sub-batch cannot be formed (a cache with preallocated rows, such as a
-  static cache, or one that already holds tokens when the request starts; positional layer arguments;
+  row runs is never called. ``sub_batch_multiple`` (2 by default) pads k up to a multiple with rows that skip
+  the pass (their output is dropped, their entries in that slot never read): on CPUs an odd-sized matrix
+  product often costs more than the next even one. Where a sub-batch cannot be formed (a cache with
+  preallocated rows, such as a static cache, or one that already holds tokens when the request starts;
+  positional layer arguments;
   ``sub_batch = False``) the block runs for the whole batch when any row needs it and the rows that skip it
   keep their input (``torch.where``), as before.
 """
@@ -40,7 +43,7 @@ __all__ = ["DrLLM"]
 class _StepState:
     """What one forward call of the inner decoder needs: the actions per row and the next free cache slot."""
 
-    __slots__ = ("actions", "slot", "deciding", "mask", "pool", "capture", "cache", "batch", "gathered")
+    __slots__ = ("actions", "slot", "deciding", "mask", "pool", "capture", "cache", "gathered")
 
     def __init__(self):
         self.actions: torch.Tensor | None = None  # [B, L] long
@@ -50,7 +53,6 @@ class _StepState:
         self.pool = None  # (averaging matrix [B, W, T], valid, window weights [B, 1, W], layer weights) per prefill
         self.capture: list | None = None
         self.cache = None
-        self.batch = 0
         self.gathered: dict = {}  # this step's layer arguments gathered for a sub-batch, by rows and source
 
 
@@ -321,7 +323,6 @@ class DrLLM(Method):
         prefill = self._tracker.start(pkv, force=self._plans is None or self._plans.shape[0] != batch)
         st.slot = 0
         st.cache = pkv
-        st.batch = batch
         st.gathered = {}
         if prefill:
             acts, deciding = self._initial_actions(batch, ref.device)
@@ -331,8 +332,11 @@ class DrLLM(Method):
                 st.mask = None  # not a plain padding mask: pool over every token
             st.pool = None
             self._plans = acts
+            multiple = self.sub_batch_multiple
+            if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+                raise ValueError(f"sub_batch_multiple must be a positive integer, got {multiple!r}")
             req = self._request = _Request(acts, self.num_layers, bool(self.sub_batch) and _sub_batch_cache(pkv),
-                                           self.sub_batch_multiple)
+                                           multiple)
             if not deciding:  # every layer's rows are known now: route them all at once
                 counts = torch.nn.functional.one_hot(acts, 3).sum(0).tolist()  # [L, 3]
                 for i in range(self.num_layers):

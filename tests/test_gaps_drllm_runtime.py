@@ -40,7 +40,7 @@ def test_stats_count_a_repeat_as_two_block_passes():
     for x in hooks:
         x.remove()
     s = h.stats()
-    # the block ran for the batch when any row needed it: layer 0 twice, 1 twice, 2 twice, 3 once
+    # one call per block pass that any row runs (on the rows that run it): layer 0 twice, 1 twice, 2 twice, 3 once
     assert counts == [2, 2, 2, 1]
     per_row = [sum(PASSES[a] for a in p) for p in plans]  # 5 and 3 passes
     assert s["sequences"] == 2

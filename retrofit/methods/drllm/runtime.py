@@ -6,15 +6,27 @@ How it hooks in (peft-style, in place): every decoder layer's ``forward`` is ove
 * A forward whose KV cache is new (or absent) is a prefill: the plan for each sequence of the batch is
   decided then (explicit plan > config plan > routers > execute everywhere) and kept for every later
   decode step on that cache. Routers decide layer by layer from the hidden states entering the layer.
-* KV cache slots are handed out in execution order: the p-th block pass of a step writes slot p. Plans are
-  fixed per sequence, so a pass maps to the same slot at every step; a skipped block writes nothing, the
-  second pass of a repeated block has its own slot, and slot 0 always belongs to the first executed pass
-  (transformers reads the cache length from slot 0).
-* Rows of a batch with different plans: a block runs for the whole batch when any row needs it, and rows
-  that skip it keep their input (``torch.where``). Blocks that no row needs cost nothing.
+* KV cache slots are handed out in execution order: the p-th block pass of a step that any row runs writes
+  slot p. Plans are fixed per sequence, so a pass maps to the same slot at every step; a skipped block writes
+  nothing, the second pass of a repeated block has its own slot, and slot 0 always belongs to the first
+  executed pass (transformers reads the cache length from slot 0).
+* Rows of a batch with different plans (sub-batches, the default): a block pass runs only on the rows that
+  need it. Their hidden states, attention-mask rows, positions and rotary embeddings are gathered, the block
+  runs on those k rows and the result is scattered back; the other rows keep their input. The set of rows of
+  each pass is fixed for the whole request, so that pass's cache slot holds just those k rows (a dynamic
+  cache layer fills itself from the first keys it is given). Rows that skip cost nothing, and a block that no
+  row runs is never called. ``sub_batch_multiple`` (2 by default) pads k up to a multiple with rows that skip
+  the pass (their output is dropped, their entries in that slot never read): on CPUs an odd-sized matrix
+  product often costs more than the next even one. Where a sub-batch cannot be formed (a cache with
+  preallocated rows, such as a static cache, or one that already holds tokens when the request starts;
+  positional layer arguments;
+  ``sub_batch = False``) the block runs for the whole batch when any row needs it and the rows that skip it
+  keep their input (``torch.where``), as before.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -31,16 +43,148 @@ __all__ = ["DrLLM"]
 class _StepState:
     """What one forward call of the inner decoder needs: the actions per row and the next free cache slot."""
 
-    __slots__ = ("actions", "slot", "deciding", "mask", "pool", "capture", "cache")
+    __slots__ = ("actions", "slot", "deciding", "mask", "pool", "capture", "cache", "gathered")
 
     def __init__(self):
         self.actions: torch.Tensor | None = None  # [B, L] long
         self.slot = 0
         self.deciding = False
         self.mask = None
-        self.pool = None  # (averaging matrix [B, W, T], valid [B, W]) for this prefill, built once
+        self.pool = None  # (averaging matrix [B, W, T], valid, window weights [B, 1, W], layer weights) per prefill
         self.capture: list | None = None
         self.cache = None
+        self.gathered: dict = {}  # this step's layer arguments gathered for a sub-batch, by rows and source
+
+
+class _Request:
+    """What stays fixed for one request (one KV cache): the plans and, per layer, which rows run each pass.
+
+    ``routes[i]`` is None until layer i's actions are known, then a tuple with one entry per block pass that
+    any row runs: None when every row runs it, else a :class:`_Pass`."""
+
+    __slots__ = ("plans", "routes", "sub_batch", "multiple", "rows", "slot_rows")
+
+    def __init__(self, plans: torch.Tensor, num_layers: int, sub_batch: bool, multiple: int = 1):
+        self.plans = plans
+        self.routes: list[tuple | None] = [None] * num_layers
+        self.sub_batch = sub_batch
+        self.multiple = multiple
+        self.rows: dict[tuple, _Pass] = {}
+        self.slot_rows: list[_Pass | None] = []  # per cache slot: whom it holds (None: every row)
+
+    def route(self, i: int, acts: torch.Tensor, counts: list[int]) -> tuple:
+        """Layer i's route from its actions [B] and their counts [skip, execute, repeat]."""
+        batch = acts.shape[0]
+        passes = []
+        for p, n in enumerate((batch - counts[SKIP], counts[REPEAT])):
+            if n == 0:
+                break
+            if n == batch:
+                passes.append(None)
+                continue
+            real = acts > p
+            key = tuple(real.nonzero().flatten().tolist())
+            if key not in self.rows:
+                self.rows[key] = _Pass(real, key, batch, self.multiple)
+            passes.append(self.rows[key])
+        self.routes[i] = tuple(passes)
+        return self.routes[i]
+
+    def guard_cache(self, pkv) -> None:
+        """Make a cache whose slots hold sub-batches safe for generate()'s whole-batch cache edits: beam search's
+        reorder maps each slot's rows (a new row takes the history of its source beam, which runs the same
+        passes: beams of one prompt share its plan), and the batch edits of other decoding modes are refused."""
+        slot_rows = self.slot_rows
+        if pkv is None or not any(r is not None for r in slot_rows) or not hasattr(pkv, "layers"):
+            return
+        batch = self.plans.shape[0]
+
+        def reorder_cache(beam_idx):
+            for s, layer in enumerate(pkv.layers):
+                ps = slot_rows[s] if s < len(slot_rows) else None
+                if ps is None:
+                    layer.reorder_cache(beam_idx)
+                    continue
+                rows = ps.rows
+                local = torch.full((batch,), -1, dtype=torch.long, device=rows.device)
+                local[rows] = torch.arange(rows.numel(), device=rows.device)
+                src = local[beam_idx.to(rows.device)[rows]]
+                # a padding row's entries are never read (its output is dropped): any history will do
+                src = torch.where((src < 0) & ~ps.kept_mask, torch.zeros_like(src), src)
+                if bool((src < 0).any()):
+                    raise RuntimeError("Dr.LLM: beam search moved a sequence onto a row with another plan; the "
+                                       "per-layer sub-batch cache cannot follow that (set handle.sub_batch = False)")
+                layer.reorder_cache(src)
+
+        def refuse(*args, **kwargs):
+            raise RuntimeError("Dr.LLM: this decoding mode edits the KV cache's batch, whose layers hold per-layer "
+                               "sub-batches here; set handle.sub_batch = False for it")
+
+        pkv.reorder_cache = reorder_cache
+        pkv.batch_repeat_interleave = refuse
+        pkv.batch_select_indices = refuse
+
+
+class _Pass:
+    """One block pass that only some rows run: ``real`` [B] bool, the rows whose output is kept (``key``: their
+    indices). With ``multiple`` > 1 the sub-batch is padded up to a multiple of it with rows that do not run the
+    pass (their output is dropped and their cache entries in this slot are never read): on CPUs an odd-sized
+    matrix product can cost more than the next even one. ``rows``: the sub-batch (sorted), ``sel``: where the
+    kept rows sit in it (None when all of it is kept), ``kept``: their indices; ``full``: the sub-batch is the
+    whole batch (then the block runs on every row and ``keep`` [B, 1, 1] picks the kept outputs)."""
+
+    __slots__ = ("key", "kept", "rows", "sel", "kept_mask", "full", "keep")
+
+    def __init__(self, real: torch.Tensor, key: tuple, batch: int, multiple: int):
+        self.key = key
+        self.keep = real.view(-1, 1, 1)
+        n = len(key)
+        size = min(batch, -(-n // multiple) * multiple)
+        self.full = size == batch
+        self.kept = real.nonzero().flatten()
+        if size > n:  # pad with the first rows that do not run the pass
+            extra = (~real).nonzero().flatten()[: size - n]
+            rows, _ = torch.sort(torch.cat([self.kept, extra]))
+        else:
+            rows = self.kept
+        self.rows = rows
+        self.kept_mask = real[rows]
+        self.sel = None if size == n else self.kept_mask.nonzero().flatten()
+
+
+def _sub_batch_cache(pkv) -> bool:
+    """Whether a cache can hold per-layer sub-batches: none, or an empty one whose layers fill themselves from
+    the first keys they get (transformers' dynamic layers); a static layer preallocates every row."""
+    if pkv is None:
+        return True
+    layers = getattr(pkv, "layers", None)
+    if layers is None:
+        return False
+    from transformers.cache_utils import DynamicLayer
+
+    if not all(isinstance(x, DynamicLayer) for x in layers):
+        return False
+    return all(not getattr(x, "is_initialized", False) for x in layers)
+
+
+# layer arguments that carry the batch in their first dimension (or 1, broadcast over it); gathered per sub-batch
+_BATCH_KWARGS = ("attention_mask", "position_ids", "position_embeddings")
+
+
+def _take_rows(x, rows: torch.Tensor, batch: int):
+    if torch.is_tensor(x):
+        return x.index_select(0, rows) if x.dim() > 0 and x.shape[0] == batch else x
+    if isinstance(x, tuple):
+        return tuple(_take_rows(t, rows, batch) for t in x)
+    return x
+
+
+def _batch_shaped(x, batch: int) -> bool:
+    if torch.is_tensor(x):
+        return x.dim() > 0 and x.shape[0] == batch
+    if isinstance(x, (tuple, list)):
+        return any(_batch_shaped(t, batch) for t in x)
+    return False
 
 
 @register_method("drllm")
@@ -57,6 +201,16 @@ class DrLLM(Method):
         self._explicit_plan: torch.Tensor | None = None
         self._step = _StepState()
         self._plans: torch.Tensor | None = None  # plans of the current request batch [B, L]
+        self._request: _Request | None = None
+        #: run each block pass on just the rows that need it (per-layer sub-batches with their own cache rows);
+        #: False runs it for the whole batch when any row needs it (``torch.where``), the pre-sub-batch runtime
+        self.sub_batch = True
+        #: pad each sub-batch up to a multiple of this many rows (rows that skip the pass fill it; their output is
+        #: dropped). 2 by default: on this CPU (MKL) a matrix product of an odd number of rows often costs more
+        #: than the next even one; 1 runs exactly the rows that need the pass
+        self.sub_batch_multiple = 2
+        self._pool_cache: dict = {}
+        self._bias_cache: tuple | None = None
         self._tracker = RequestTracker()
         self._hooks = []
         self._patches = []
@@ -169,6 +323,7 @@ class DrLLM(Method):
         prefill = self._tracker.start(pkv, force=self._plans is None or self._plans.shape[0] != batch)
         st.slot = 0
         st.cache = pkv
+        st.gathered = {}
         if prefill:
             acts, deciding = self._initial_actions(batch, ref.device)
             st.actions, st.deciding = acts, deciding
@@ -177,6 +332,15 @@ class DrLLM(Method):
                 st.mask = None  # not a plain padding mask: pool over every token
             st.pool = None
             self._plans = acts
+            multiple = self.sub_batch_multiple
+            if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+                raise ValueError(f"sub_batch_multiple must be a positive integer, got {multiple!r}")
+            req = self._request = _Request(acts, self.num_layers, bool(self.sub_batch) and _sub_batch_cache(pkv),
+                                           multiple)
+            if not deciding:  # every layer's rows are known now: route them all at once
+                counts = torch.nn.functional.one_hot(acts, 3).sum(0).tolist()  # [L, 3]
+                for i in range(self.num_layers):
+                    req.route(i, acts[:, i], counts[i])
         else:
             st.actions, st.deciding = self._plans, False
         return None
@@ -186,9 +350,12 @@ class DrLLM(Method):
         if self._tracker.finish(output):  # a cache created inside the forward is adopted by the request
             self._plans = st.actions
             self._record(st.actions)
+            pkv = getattr(output, "past_key_values", None)
+            self._request.guard_cache(pkv if pkv is not None else st.cache)
         st.deciding = False
         st.cache = None
         st.actions = None
+        st.gathered = {}
         return None
 
     def _record(self, actions: torch.Tensor):
@@ -198,29 +365,75 @@ class DrLLM(Method):
 
     # ---------------------------------------------------------------- the layer wrapper
     def _decide(self, i: int, hidden: torch.Tensor):
+        """Layer i's router: window means of its input, then its MLP for every row at once (one fixed sequence
+        of batched ops, nothing per row), the actions written into the step's actions [B, L]."""
         st = self._step
         if st.pool is None or st.pool[0].shape[-1] != hidden.shape[1]:
-            mask = st.mask if st.mask is not None else torch.ones(hidden.shape[:2], dtype=torch.long)
-            A, valid = window_matrix(mask.to(hidden.device), self.config.num_windows)
-            st.pool = (A, valid, window_weights(valid), self._decision_bias(hidden.device))
-        A, valid, weights, bias = st.pool
+            st.pool = (*self._pooling(st.mask, hidden), self._layer_biases(hidden.device))
+        A, valid, weights, biases = st.pool
         means = torch.bmm(A, hidden if hidden.dtype == torch.float32 else hidden.float())
         if st.capture is not None:
             st.capture.append((means, valid))
         if not st.deciding:
             return
-        if not bool(torch.isfinite(means).all()):  # a NaN router input would read as "skip" (argmax of NaNs)
-            rows = (~torch.isfinite(means)).flatten(1).any(1).nonzero().flatten().tolist()
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                acts = self._router_actions(i, means, weights, biases)
+        else:
+            acts = self._router_actions(i, means, weights, biases)
+        st.actions[:, i] = acts
+        al = acts.tolist()  # the one read-back per layer: which rows run it (counted in C, not per row)
+        self._request.route(i, acts, [al.count(SKIP), al.count(EXECUTE), al.count(REPEAT)])
+
+    def _router_actions(self, i: int, means: torch.Tensor, weights: torch.Tensor, biases: torch.Tensor):
+        """Actions [B] of router i from window means [B, W, d]: fc1 + GELU on every window, the valid windows'
+        average (fc2 is linear, so averaging before it equals averaging the logits), fc2 with the budget bias
+        folded into its bias, argmax. A non-finite input (NaN would read as "skip") is an error."""
+        F = nn.functional
+        r = self.routers[i]
+        B, W, d = means.shape
+        hid = F.gelu(torch.addmm(r.fc1.bias, means.view(B * W, d), r.fc1.weight.t()), approximate="tanh")
+        pooled = torch.bmm(weights, hid.view(B, W, -1)).squeeze(1)  # [B, bottleneck]
+        if not math.isfinite(float(pooled.sum())):  # NaN / inf anywhere in the window means reaches this sum
+            bad = ~torch.isfinite(means).flatten(1).all(1)
+            rows = bad.nonzero().flatten().tolist()
             raise FloatingPointError(
                 f"Dr.LLM: the hidden states entering decoder layer {i} hold NaN or inf (batch rows {rows}), so its "
                 "router cannot decide; the base model overflowed or its weights / inputs are corrupt (float16 "
                 "overflows easily: load the model in bfloat16 or float32)")
-        if torch.is_grad_enabled():
+        return torch.addmm(biases[i], pooled, r.fc2.weight.t()).argmax(-1)
+
+    def _pooling(self, mask, hidden: torch.Tensor):
+        """(averaging matrix [B, W, T], validity [B, W], window weights [B, 1, W]) of one prefill. Without
+        padding they depend only on (T, W), so they are kept for the next prefill of that length."""
+        W = self.config.num_windows
+        if mask is not None:
+            A, valid = window_matrix(mask.to(hidden.device), W)
+            return A, valid, window_weights(valid)
+        B, T = hidden.shape[:2]
+        key = (T, W, hidden.device)
+        hit = self._pool_cache.get(key)
+        if hit is None:
+            A, valid = window_matrix(torch.ones(1, T, dtype=torch.long, device=hidden.device), W)
+            hit = (A, valid, window_weights(valid))
+            if len(self._pool_cache) >= 64:
+                self._pool_cache.clear()
+            self._pool_cache[key] = hit
+        return tuple(x.expand(B, *x.shape[1:]) for x in hit)
+
+    def _layer_biases(self, device) -> torch.Tensor | None:
+        """[L, 3]: each router's fc2 bias plus the budget knob (None without routers); rebuilt only when the
+        routers, their biases (training writes them in place) or the knob change."""
+        if self.routers is None:
+            return None
+        cfg = self.config
+        fc2 = [r.fc2.bias for r in self.routers.router]
+        key = (id(self.routers), cfg.skip_bias, cfg.repeat_bias, cfg.allow_repeat, device,
+               tuple(b._version for b in fc2), tuple(b.data_ptr() for b in fc2))
+        if self._bias_cache is None or self._bias_cache[0] != key:
             with torch.no_grad():
-                acts = self.routers[i].decide(means, weights, bias)
-        else:
-            acts = self.routers[i].decide(means, weights, bias)
-        st.actions[:, i] = acts
+                self._bias_cache = (key, torch.stack(fc2).to(device) + self._decision_bias(device))
+        return self._bias_cache[1]
 
     def _decision_bias(self, device) -> torch.Tensor:
         """The budget knob as one logit bias [skip, execute, repeat], read from the config at each prefill."""
@@ -230,11 +443,27 @@ class DrLLM(Method):
             bias[REPEAT] = float("-inf")
         return bias
 
+    def _gather(self, key: tuple, rows: torch.Tensor, kwargs: dict, batch: int) -> dict:
+        """The layer arguments of a sub-batch (mask rows, positions, rotary embeddings), made once per step for
+        each set of rows and the arguments it was taken from (layers may get different masks)."""
+        src = tuple(kwargs.get(n) for n in _BATCH_KWARGS)
+        ck = (key, *map(id, src))
+        hit = self._step.gathered.get(ck)
+        if hit is not None and all(a is b for a, b in zip(hit[0], src)):
+            return dict(hit[1])
+        kw = dict(kwargs)
+        for n in _BATCH_KWARGS:
+            if n in kw:
+                kw[n] = _take_rows(kw[n], rows, batch)
+        self._step.gathered[ck] = (src, kw)
+        return dict(kw)
+
     def _make_forward(self, i: int, layer: nn.Module):
         orig = layer.__dict__.get("forward") or type(layer).forward.__get__(layer)
         slot_mods = self._slot_modules[i]
         orig_idx = self._orig_idx[i]
         passthrough = self.adapter.extra.get("layer_passthrough")
+        fixed = set(_BATCH_KWARGS) | {"past_key_values", passthrough}
 
         def forward(hidden_states, *args, **kwargs):
             st = self._step
@@ -242,30 +471,65 @@ class DrLLM(Method):
                 return orig(hidden_states, *args, **kwargs)
             if st.deciding or st.capture is not None:
                 self._decide(i, hidden_states)
-            acts = st.actions[:, i]
-            n_pass = int(acts.max())
+            req = self._request
+            route = req.routes[i]  # known: from the plan at the start of the request, or from the router just now
+            if route is None:
+                raise RuntimeError(f"Dr.LLM: decoder layer {i} was reached before its actions were known (the "
+                                   "decoder did not run its layers in order through their forwards)")
+            batch = hidden_states.shape[0]
+            # a sub-batch needs every batch-shaped argument to be one it knows how to gather
+            sub = req.sub_batch and not args and not any(
+                _batch_shaped(v, batch) for k, v in kwargs.items() if k not in fixed)
             out = hidden_states
-            extras = None
             pkv = kwargs.get("past_key_values")
             try:
-                for p in range(n_pass):
+                for p, entry in enumerate(route):
                     slot = st.slot
                     st.slot += 1
+                    if len(req.slot_rows) == slot:  # first step of the request: record who holds the slot
+                        req.slot_rows.append(entry if entry is not None and sub and not entry.full else None)
                     _ensure_slot(pkv, slot)
                     for m in slot_mods:
                         m.layer_idx = slot
-                    new = orig(out, *args, **kwargs)
-                    if isinstance(new, tuple):  # e.g. GLM-MoE-DSA returns (hidden, topk_indices)
-                        new, extras = new[0], new[1:]
-                        if passthrough:
-                            kwargs[passthrough] = extras[0]
-                    rows = acts > p
-                    out = new if bool(rows.all()) else torch.where(rows.view(-1, 1, 1), new, out)
+                    prev = kwargs.get(passthrough) if passthrough else None
+                    if entry is None:  # every row runs this pass
+                        new = orig(out, *args, **kwargs)
+                        if isinstance(new, tuple):  # e.g. GLM-MoE-DSA returns (hidden, topk_indices)
+                            new, extra = new[0], new[1]
+                            if passthrough:
+                                kwargs[passthrough] = extra
+                        out = new
+                    elif sub and not entry.full:  # only these rows, with their own cache rows in this slot
+                        rows = entry.rows
+                        kw = self._gather(entry.key, rows, kwargs, batch)
+                        if prev is not None:
+                            kw[passthrough] = prev.index_select(0, rows)
+                        new = orig(out.index_select(0, rows), **kw)
+                        if isinstance(new, tuple):
+                            new, extra = new[0], new[1]
+                            if passthrough and extra is not None:
+                                if entry.sel is not None:
+                                    extra = extra.index_select(0, entry.sel)
+                                # rows without a value yet get -1 (a layer that reads it fails, as the row alone)
+                                full = prev if prev is not None else extra.new_full((batch, *extra.shape[1:]), -1)
+                                kwargs[passthrough] = full.index_copy(0, entry.kept, extra)
+                        if entry.sel is not None:
+                            new = new.index_select(0, entry.sel)
+                        out = out.index_copy(0, entry.kept, new)
+                    else:  # all rows run it; the others keep what they had
+                        keep = entry.keep
+                        new = orig(out, *args, **kwargs)
+                        if isinstance(new, tuple):
+                            new, extra = new[0], new[1]
+                            if passthrough:
+                                kwargs[passthrough] = extra if prev is None else torch.where(
+                                    keep.view(-1, *[1] * (extra.dim() - 1)), extra, prev)
+                        out = torch.where(keep, new, out)
             finally:
                 for m, j in zip(slot_mods, orig_idx):
                     m.layer_idx = j
             if passthrough:  # the layer hands a value to the next one; a skipped layer passes it through
-                return (out, extras[0] if extras is not None else kwargs.get(passthrough))
+                return (out, kwargs.get(passthrough))
             return out
 
         return forward

@@ -20,8 +20,8 @@ def run_pipeline(workdir: Path, train_examples: int = 32, test_examples: int = 1
                  seed: int = 0, task: str = "arc_easy", eval_task: str = "arc_easy", epochs: int = 25,
                  model_name: str = "default", batch_size: int = 16, layer_fraction: float = 0.9,
                  shrink: float = 0.0, target: str = "safety", center: str = "labels") -> dict:
-    from retrofit.eval.plots import plot_action_heatmap
-    from retrofit.eval.runner import RunExistsError, plot_accuracy_vs_layers
+    from retrofit.eval.plots import plot_action_heatmap, plot_accuracy_vs_layers
+    from retrofit.eval.runner import RunExistsError
     from retrofit.eval.runner import evaluate
     from retrofit.eval.static_prune import plan_from_scores, block_influence, calibration_texts
     from retrofit.methods.drllm.train import TrainConfig, train_from_searches

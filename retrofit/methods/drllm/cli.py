@@ -31,6 +31,9 @@ def register(app: typer.Typer) -> None:
         shrink: float = typer.Option(TrainConfig.shrink, help="after training, scale each router's per-question "
                                      "deviation from its mean logits by this factor in [0, 1] (1: as trained, the "
                                      "paper; 0: the static plan the mean logits choose)"),
+        center: str = typer.Option(TrainConfig.center, help="what --shrink pulls toward: 'routers' (their own mean "
+                                   "logits) or 'labels' (the labels' per-layer action shares; at --shrink 0 the "
+                                   "labels' voted static plan)"),
         layer_fraction: float = typer.Option(None, "--layer-fraction", help="set the artifact's default skip_bias "
                                              "so that the routers execute this share of the block passes on the "
                                              "training prompts (e.g. 0.9); default: skip_bias 0"),
@@ -46,7 +49,8 @@ def register(app: typer.Typer) -> None:
         files = sorted({f for pat in searches for f in (glob.glob(pat) or [pat])})
         try:
             cfg = TrainConfig(lr=lr, batch_size=batch_size, epochs=epochs, gamma=gamma, seed=seed, target=target,
-                              unlabeled=unlabeled, shrink=shrink, layer_fraction=layer_fraction)
+                              unlabeled=unlabeled, shrink=shrink, layer_fraction=layer_fraction,
+                              center=center)
             read_searches(files)  # damaged lines / missing files named now, not after the model loads
         except (ValueError, FileNotFoundError) as e:
             raise typer.BadParameter(str(e)) from None

@@ -187,3 +187,14 @@ def test_testbed_folders_and_atomic_save(pair, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tb"]  # no .tmp / .old left behind
     with pytest.raises(TypeError, match="distill must be"):
         M.build_testbed(out=tmp_path / "x", distill="yes")
+
+
+def test_cli_refuses_bad_distill_settings():
+    from typer.testing import CliRunner
+
+    from retrofit.cli import app
+
+    r = CliRunner().invoke(app, ["moefy", "--distill-lr", "0"])
+    assert r.exit_code != 0 and "lr must be > 0" in r.output
+    r = CliRunner().invoke(app, ["moefy", "--distill-sources", "arc_easy_test"])
+    assert r.exit_code != 0 and "unknown distillation source" in r.output

@@ -1,4 +1,5 @@
-"""`retrofit moefy`: build the MoE testbed (SmolLM2-135M split into a Mixtral MoE from its own weights)."""
+"""`retrofit moefy`: build the MoE testbed (SmolLM2-135M split into a Qwen2-MoE from its own weights, then its
+experts and gates distilled toward the dense model)."""
 
 from __future__ import annotations
 
@@ -22,24 +23,42 @@ def register(app: typer.Typer) -> None:
         force: bool = typer.Option(False, "--force", help="rebuild even if the folder already holds a testbed"),
         seed: int = typer.Option(0),
         threads: int = typer.Option(None, help="torch CPU threads"),
+        distill: bool = typer.Option(True, "--distill/--no-distill",
+                                     help="after the gate fit, distil experts + gates toward the dense model (KL on "
+                                     "next-token logits); --no-distill saves the gate-only build"),
+        distill_steps: int = typer.Option(200, help="distillation steps (a rerun with more steps continues)"),
+        distill_batch: int = typer.Option(4, help="sequences per distillation step"),
+        distill_seq_len: int = typer.Option(256, help="tokens per distillation sequence"),
+        distill_lr: float = typer.Option(2e-4, help="AdamW learning rate (linear warm-up, then constant)"),
+        distill_sources: str = typer.Option("gsm8k_train,boolq_passages,flores_eng_train,shakespeare_head",
+                                            help="comma-separated distillation texts (none is scored by a bench)"),
+        checkpoint_every: int = typer.Option(10, help="save a resumable distillation checkpoint every N steps"),
     ):
         """Convert the default dense model into an MoE (Qwen2-MoE: a shared expert of the most important neurons +
-        routed experts clustered from the rest, a gate fitted per layer) and save it with its tokenizer and fit
-        report (moefy.json); an existing one is reused."""
+        routed experts clustered from the rest, a gate fitted per layer), distil its experts and gates toward the
+        dense model (resumable: kill and rerun to continue) and save it with its tokenizer and report
+        (moefy.json); an existing one is reused."""
         import json
 
         import torch
 
+        from retrofit.moe.distill import DistillConfig
         from retrofit.moe.moefy import MoefyConfig, _complete, build_testbed, read_report, testbed_dir
 
         if threads:
             torch.set_num_threads(threads)
-        cfg = MoefyConfig(experts=experts, top_k=top_k, shared=shared, arch=arch, tokens=tokens, steps=steps,
-                          cluster=cluster, seed=seed)
-        cfg.validate(1536)
-        path = Path(out) if out is not None else testbed_dir(experts, top_k, shared, arch)
-        reused = _complete(path) and not force
-        path = build_testbed(cfg, out=path, force=force)
+        try:
+            cfg = MoefyConfig(experts=experts, top_k=top_k, shared=shared, arch=arch, tokens=tokens, steps=steps,
+                              cluster=cluster, seed=seed)
+            cfg.validate(1536)
+            dcfg = DistillConfig(steps=distill_steps, batch=distill_batch, seq_len=distill_seq_len, lr=distill_lr,
+                                 sources=tuple(s.strip() for s in distill_sources.split(",") if s.strip()),
+                                 checkpoint_every=checkpoint_every, seed=seed) if distill else None
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from e
+        path = Path(out) if out is not None else testbed_dir(experts, top_k, shared, arch, distilled=distill)
+        reused = _complete(path, distilled=distill) and not force
+        path = build_testbed(cfg, out=path, force=force, distill=dcfg)
         rep = read_report(path)
         typer.echo(("reused " if reused else "built ") + f"{path}")
         c = rep["config"]
@@ -47,3 +66,7 @@ def register(app: typer.Typer) -> None:
                    f"cluster={c['cluster']}; per-token relative MLP error, mean over layers, held-out calibration "
                    "tokens: "
                    + json.dumps(rep["mean"]))
+        if "distill" in rep:
+            d = rep["distill"]
+            typer.echo(f"distilled {d['steps_done']} steps ({d['tokens_seen']} tokens, {d['seconds']} s): KL to the "
+                       f"dense model on held-out distillation text {d['val_kl_before']} -> {d['val_kl_after']}")

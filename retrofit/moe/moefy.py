@@ -22,6 +22,11 @@ per layer a shared expert of the 768 most important MLP neurons + 8 routed exper
    cross-entropy term toward the oracle top-k set (selection itself has no gradient); ridge-regression init.
 
 ``moefy_model(dense, ...)`` converts any bias-free Llama-family model (tests use a tiny random one);
+6. **Distil** (``retrofit.moe.distill``, default): the MoE blocks (experts, shared expert, gates) trained toward
+   the dense model's next-token distribution (KL on logits) over English text no benchmark here scores;
+   attention, embeddings, norms and the LM head frozen; resumable checkpoints.
+
+``moefy_model(dense, ...)`` converts any bias-free Llama-family model (tests use a tiny random one);
 ``load_testbed(experts, top_k)`` returns the SmolLM2 testbed from the cache, building it on first use.
 """
 
@@ -37,7 +42,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["MoefyConfig", "moefy_model", "calibration_ids", "heldout_text", "testbed_dir", "load_testbed",
-           "build_testbed", "balanced_kmeans", "expert_split", "moe_config", "build_moe", "neuron_importance"]
+           "build_testbed", "distill_checkpoint_dir", "balanced_kmeans", "expert_split", "moe_config", "build_moe",
+           "neuron_importance"]
 
 # Shakespeare character ranges: the gate fit reads the first part; the benchmark's perplexity reads the tail.
 SHAKESPEARE_FIT = (0, 500_000)
@@ -469,9 +475,11 @@ def moefy_model(dense: nn.Module, seqs: list[torch.Tensor] | torch.Tensor | None
 
 
 # ------------------------------------------------------------------------------------------------ the cached testbed
-def testbed_dir(experts: int = 8, top_k: int = 2, shared: int = 768, arch: str = "qwen2_moe") -> Path:
+def testbed_dir(experts: int = 8, top_k: int = 2, shared: int = 768, arch: str = "qwen2_moe",
+                distilled: bool = True) -> Path:
     """``<cache>/moe/smollm2-moe-e{E}k{k}`` for the default layout (Qwen2-MoE, 768 shared neurons), with a
-    ``-s{S}`` / ``-mixtral`` suffix otherwise."""
+    ``-s{S}`` / ``-mixtral`` suffix otherwise; ``-gates`` for the build before the expert distillation (gates
+    fitted, experts as split)."""
     from retrofit.models import cache_dir
 
     name = f"smollm2-moe-e{experts}k{top_k}"
@@ -479,62 +487,130 @@ def testbed_dir(experts: int = 8, top_k: int = 2, shared: int = 768, arch: str =
         name += "-mixtral"
     elif shared != MoefyConfig.shared:
         name += f"-s{shared}"
+    if not distilled:
+        name += "-gates"
     return cache_dir() / "moe" / name
 
 
-def _complete(path: Path) -> bool:
-    return (path / "config.json").is_file() and (path / "moefy.json").is_file() and any(path.glob("*.safetensors"))
+def _complete(path: Path, distilled: bool | None = None) -> bool:
+    """A saved testbed (config, weights, moefy.json); with ``distilled`` True / False also whether its report
+    records the expert distillation."""
+    path = Path(path)
+    if not ((path / "config.json").is_file() and (path / "moefy.json").is_file() and any(path.glob("*.safetensors"))):
+        return False
+    if distilled is None:
+        return True
+    try:
+        has = "distill" in read_report(path)
+    except (OSError, ValueError):
+        return False
+    return has == distilled
 
 
-def build_testbed(config: MoefyConfig | None = None, out: str | Path | None = None, force: bool = False,
-                  progress: bool = True) -> Path:
-    """Convert SmolLM2-135M-Instruct (the default model) and save it (safetensors + tokenizer + moefy.json).
+def _save_atomic(moe, tok, report: dict, out: Path) -> None:
+    """Write the testbed to ``out`` so that an existing build there is replaced only once the new one is
+    complete (``<out>.tmp`` written, old moved aside, new renamed in, old removed)."""
+    import shutil
 
-    A complete folder is reused unless ``force``."""
-    from retrofit.artifacts import fingerprint
-    from retrofit.models import load_model
-
-    cfg = (config or MoefyConfig()).validate()
-    out = Path(out) if out is not None else testbed_dir(cfg.experts, cfg.top_k, cfg.shared, cfg.arch)
-    if _complete(out) and not force:
-        return out
-    dense, tok = load_model("default")
-    seqs = calibration_ids(tok, cfg.tokens, cfg.seq_len, cfg.seed)
-    moe, report = moefy_model(dense, seqs, cfg, progress=progress)
-    report.update(base="SmolLM2-135M-Instruct", base_fingerprint=fingerprint(dense),
-                  architecture=type(moe).__name__,
-                  calibration=f"ARC-Easy train (question + gold answer) and tinyshakespeare chars "
-                              f"{SHAKESPEARE_FIT[0]}-{SHAKESPEARE_FIT[1]}, {cfg.seq_len}-token sequences",
-                  date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     moe.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     (tmp / "moefy.json").write_text(json.dumps(report, indent=1))
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    old = out.with_name(out.name + ".old")
+    if old.exists():
+        shutil.rmtree(old)
+    if out.exists():
+        out.rename(old)
     tmp.rename(out)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def distill_checkpoint_dir(out: str | Path) -> Path:
+    """Where the distillation of the testbed saved at ``out`` keeps its resumable checkpoint."""
+    out = Path(out)
+    return out.with_name(out.name + ".distill-ckpt")
+
+
+def build_testbed(config: MoefyConfig | None = None, out: str | Path | None = None, force: bool = False,
+                  progress: bool = True, distill=True) -> Path:
+    """Convert SmolLM2-135M-Instruct (the default model) and save it (safetensors + tokenizer + moefy.json).
+
+    ``distill``: True (default) or a :class:`~retrofit.moe.distill.DistillConfig` distils the experts and gates
+    toward the dense model after the gate fit (docs/moe.md); the gate-only build is kept beside it
+    (``<out>-gates``) and the distillation checkpoints into ``<out>.distill-ckpt`` (a killed run resumes).
+    False / None: the gate-only build at ``out``. A complete folder is reused unless ``force`` (which also
+    rebuilds the gate-only stage and restarts the distillation)."""
+    import shutil
+
+    from retrofit.artifacts import fingerprint
+    from retrofit.models import load_model
+    from retrofit.moe.distill import DistillConfig, distill_data, distill_moe, source_files
+
+    cfg = (config or MoefyConfig()).validate()
+    if distill is True:
+        distill = DistillConfig()
+    elif distill is False:
+        distill = None
+    if distill is not None and not isinstance(distill, DistillConfig):
+        raise TypeError(f"distill must be True, False, None or a DistillConfig, not {type(distill).__name__}")
+    out = Path(out) if out is not None else testbed_dir(cfg.experts, cfg.top_k, cfg.shared, cfg.arch,
+                                                        distilled=distill is not None)
+    if distill is None:
+        if _complete(out) and not force:
+            return out
+        dense, tok = load_model("default")
+        seqs = calibration_ids(tok, cfg.tokens, cfg.seq_len, cfg.seed)
+        moe, report = moefy_model(dense, seqs, cfg, progress=progress)
+        report.update(base="SmolLM2-135M-Instruct", base_fingerprint=fingerprint(dense),
+                      architecture=type(moe).__name__,
+                      calibration=f"ARC-Easy train (question + gold answer) and tinyshakespeare chars "
+                                  f"{SHAKESPEARE_FIT[0]}-{SHAKESPEARE_FIT[1]}, {cfg.seq_len}-token sequences",
+                      date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        _save_atomic(moe, tok, report, out)
+        return out
+
+    if _complete(out, distilled=True) and not force:
+        return out
+    gates = out.with_name(out.name + "-gates")
+    if not force and _complete(out, distilled=False) and not _complete(gates):
+        gates.parent.mkdir(parents=True, exist_ok=True)
+        out.rename(gates)  # a gate-only testbed from before the distillation existed: keep it as the first stage
+    ckpt_dir = distill_checkpoint_dir(out)
+    if force and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    gates = build_testbed(cfg, out=gates, force=force, progress=progress, distill=False)
+    stage = read_report(gates)
+    if stage.get("config") != asdict(cfg):
+        raise ValueError(f"{gates} holds a gate-only testbed built with other settings ({stage.get('config')}); "
+                         "rerun with force=True (--force) to rebuild it")
+    dense, tok = load_model("default")
+    moe, _ = load_model(str(gates))
+    train, val = distill_data(tok, distill)
+    rep = distill_moe(moe, dense, train, val, distill, ckpt_dir=ckpt_dir, progress=progress)
+    rep["files"] = {k: str(v) for k, v in source_files(distill.sources).items()}
+    stage.update(distill=rep, gates_dir=str(gates), date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    _save_atomic(moe, tok, stage, out)
     return out
 
 
-def load_testbed(experts: int = 8, top_k: int = 2, build: bool = True, **config):
+def load_testbed(experts: int = 8, top_k: int = 2, build: bool = True, distilled: bool = True, **config):
     """(model, tokenizer): the SmolLM2 MoE testbed with ``experts`` experts and ``top_k`` active, frozen, eval
-    mode; built (and cached) on first use unless ``build=False``. Extra keyword arguments go to MoefyConfig."""
+    mode; built (and cached) on first use unless ``build=False``. ``distilled=False``: the build before the
+    expert distillation. Extra keyword arguments go to MoefyConfig."""
     from retrofit.models import load_model
 
     cfg = MoefyConfig(experts=experts, top_k=top_k, **config)
-    path = testbed_dir(experts, top_k, cfg.shared, cfg.arch)
-    if not _complete(path):
+    path = testbed_dir(experts, top_k, cfg.shared, cfg.arch, distilled=distilled)
+    if not _complete(path, distilled=distilled):
         if not build:
-            raise FileNotFoundError(f"{path}: no MoE testbed yet; run `retrofit moefy --experts {experts} "
-                                    f"--top-k {top_k}`")
-        build_testbed(cfg, out=path)
+            raise FileNotFoundError(f"{path}: no {'distilled ' if distilled else 'gate-only '}MoE testbed yet; run "
+                                    f"`retrofit moefy --experts {experts} --top-k {top_k}"
+                                    f"{'' if distilled else ' --no-distill'}`")
+        build_testbed(cfg, out=path, distill=distilled)
     return load_model(str(path))
 
 
@@ -543,7 +619,7 @@ def read_report(path: str | Path) -> dict:
 
 
 def load_bench_model(tiny: bool = False):
-    """The MoE the benchmarks measure: the testbed (must already be built: ``retrofit moefy``), or with
+    """The MoE the benchmarks measure: the distilled testbed (must already be built: ``retrofit moefy``), or with
     ``tiny`` a 6-layer random Mixtral with the default tokenizer, to check a benchmark script in seconds."""
     if not tiny:
         return load_testbed(build=False)

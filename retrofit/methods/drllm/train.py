@@ -359,12 +359,17 @@ def shrink_routers(routers, features: torch.Tensor, valid: torch.Tensor, alpha: 
 
 @torch.no_grad()
 def label_center(records: list[dict], L: int) -> torch.Tensor:
-    """[L, 3] log of the labels' (``plan``) action shares per layer, Laplace-smoothed."""
+    """[L, 3] log of the labels' (``plan``) action shares per layer, Laplace-smoothed; ties in the skip share are
+    broken toward the lower layer (1e-4 per layer)."""
     counts = torch.ones(L, 3)
     for r in records:
         for i, a in enumerate(r["plan"]):
             counts[i, ACTIONS.index(a)] += 1
-    return (counts / counts.sum(-1, keepdim=True)).log()
+    c = (counts / counts.sum(-1, keepdim=True)).log()
+    # break ties between layers as voted_plan does (the lower layer first), so that every budget k is reachable
+    # with one skip_bias: without it two layers with equal shares cross the threshold together
+    c[:, 0] -= 1e-4 * torch.arange(L, dtype=c.dtype)
+    return c
 
 
 @torch.no_grad()

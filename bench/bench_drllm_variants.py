@@ -89,6 +89,9 @@ def main():
     out = {"n_val": len(val), "base_acc": base_acc, "n_records": len(recs), "n_labels": diag.get("n_labels"),
            "static": {k: sum(ref[f"static_k{k}"]) / len(val) for k in range(1, 9)},
            "voted": {k: sum(ref[f"voted_k{k}"]) / len(val) for k in voted}, "variants": {}}
+    found = [r for r in recs if r.get("found")]
+    center = label_center(found, L) if args.center == "labels" else None
+    sub = [{**r, "plan": ["execute"] * L} for r in found][:args.shrink_examples]
     for target in args.targets:
         for unl in args.unlabeled:
             name = f"{target}-{unl}" + (f"-b{args.bottleneck}-wd{args.weight_decay:g}"
@@ -100,22 +103,24 @@ def main():
             same = rep is not None and {**asdict(TrainConfig()), **rep.get("config", {})} == asdict(cfg)
             if not same or rep.get("records_read") != len(recs):
                 rep = train_from_searches(model, tok, args.search, d, cfg, bottleneck=args.bottleneck, progress=False)
+            f = v = None
+            if any(a != 1.0 for a in args.shrink) or args.layer_fractions or center is not None:
+                # the routers' inputs under the all-execute plan do not depend on the routers: collected once
+                h = retrofit.load(model, d)
+                try:
+                    f, v, _ = collect(h, tok, sub, progress=False)
+                finally:
+                    h.detach()
             for alpha in args.shrink:
                 vname = name + (f"-shrink{alpha:g}" if alpha != 1.0 else "") + (
                     "-labelcenter" if args.center == "labels" else "")
                 h = retrofit.load(model, d)
                 try:
                     biases = args.skip_bias
-                    center = label_center([r for r in recs if r.get("found")], L) if args.center == "labels" else None
-                    if alpha != 1.0 or args.layer_fractions or center is not None:
-                        sub = [{**r, "plan": ["execute"] * L} for r in recs if r.get("found")][:args.shrink_examples]
-                        f, v, _ = collect(h, tok, sub, progress=False)
-                        if alpha != 1.0 or center is not None:
-                            shrink_routers(h.routers, f, v, alpha, center)
-                        if args.layer_fractions:
-                            biases = [round(calibrate_skip_bias(h.routers, f, v, x)[0], 4)
-                                      for x in args.layer_fractions]
-                        del f, v
+                    if alpha != 1.0 or center is not None:
+                        shrink_routers(h.routers, f, v, alpha, center)
+                    if args.layer_fractions:
+                        biases = [round(calibrate_skip_bias(h.routers, f, v, x)[0], 4) for x in args.layer_fractions]
                     plans = {b: router_plans(model, tok, h, val, b) for b in biases}
                     res = score(ev, val, {f"b{b:g}": plans[b] for b in biases}, f"validation {vname}")
                 finally:

@@ -28,7 +28,7 @@ def test_pipeline_trains_budgeted_routers_and_resumes(tmp_path, shared_data, smo
     assert rows["base"]["layer_fraction"] == 1.0
     static = next(r for n, r in rows.items() if n.startswith("static_prune_"))
     assert static["layer_fraction"] == pytest.approx(rows["drllm"]["layer_fraction"], abs=0.5 / 30)
-    assert 0.0 <= rows["drllm"]["acc"] <= 1.0 and rows["drllm"]["n"] == 6
+    assert rows["drllm"]["n"] == rows["base"]["n"] == 6
     # a re-run resumes (same numbers), other training settings are refused instead of reusing the routers
     again = run_pipeline(tmp_path, **kw)
     assert again["rows"] == s["rows"]

@@ -52,12 +52,19 @@ def router_plans(model, tok, handle, examples, skip_bias: float, batch: int = 32
     """The plan the routers choose for each example's prompt (a prefill through the runtime)."""
     handle.config.skip_bias = float(skip_bias)
     handle.set_plan(None)
-    plans = []
+    plans: list[tuple | None] = [None] * len(examples)
     dev = next(model.parameters()).device
-    for i in range(0, len(examples), batch):
-        enc = tok([e.prompt for e in examples[i:i + batch]], return_tensors="pt", padding=True).to(dev)
+    # batches of similar length: left padding is masked (the routers pool over real tokens only), so the
+    # plans do not depend on the grouping, and far fewer pad positions are computed
+    lengths = [len(tok(e.prompt)["input_ids"]) for e in examples]
+    order = sorted(range(len(examples)), key=lambda j: lengths[j])
+    for i in tqdm(range(0, len(order), batch), desc=f"router plans (skip_bias {skip_bias:g})", leave=False,
+                  dynamic_ncols=True):
+        idx = order[i:i + batch]
+        enc = tok([examples[j].prompt for j in idx], return_tensors="pt", padding=True).to(dev)
         model(**enc, use_cache=False, logits_to_keep=1)  # the plan is all we need: skip the vocabulary projection
-        plans.extend(tuple(p) for p in handle.last_plans)
+        for j, p in zip(idx, handle.last_plans):
+            plans[j] = tuple(p)
     handle.config.skip_bias = 0.0
     return plans
 

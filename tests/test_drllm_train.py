@@ -192,7 +192,7 @@ def test_label_center_at_shrink_zero_gives_the_labels_voted_plan():
     recs = [{"plan": ["skip" if i in s else "execute" for i in range(5)]} for s in
             ({1, 3}, {3}, {3, 4}, {1}, {3, 0})]
     c = label_center(recs, 5)
-    assert torch.allclose(c.exp().sum(-1), torch.ones(5), atol=1e-3)  # shares, up to the tie-break
+    assert torch.allclose(c[:, :2].exp().sum(-1), torch.ones(5), atol=1e-3)  # skip share and its complement
     assert c[3, 0] > c[1, 0] > c[0, 0] > c[4, 0] > c[2, 0]  # skip shares 4/5, 2/5, 1/5, 1/5 (tie: lower first), 0
     # every budget is reachable: k = 3 skips layers 3, 1 and 0 (not 4 with it), as the voted plan does
     gap = (c[:, 1] - c[:, 0]).sort().values
@@ -202,6 +202,17 @@ def test_label_center_at_shrink_zero_gives_the_labels_voted_plan():
     # a skip bias that lets the two most skipped layers cross: exactly the voted plan for k = 2
     a = (c + torch.tensor([0.9, 0.0, 0.0])).argmax(-1)
     assert ["skip" if x == 0 else "execute" for x in a.tolist()] == voted_plan(label_shares(recs), 2)
+
+    # labels that often repeat a layer: the order still follows the skip share alone (layer 2, skipped by 1 of 6
+    # labels and repeated by 4, comes after layer 1, skipped by 2, at every budget)
+    recs = [{"plan": ["skip" if i in s else "repeat" if i == 2 and j < 4 else "execute" for i in range(4)]}
+            for j, s in enumerate(({0, 1}, {0, 1}, {0, 2}, {0}, {0}, {3}))]
+    c = label_center(recs, 4)
+    gap = (c[:, 1] - c[:, 0]).sort().values
+    for k in range(1, 4):
+        a = (c + torch.tensor([float(gap[k - 1] + gap[k]) / 2, 0.0, 0.0])).argmax(-1)
+        got = ["skip" if x == 0 else "execute" if x == 1 else "repeat" for x in a.tolist()]
+        assert got == voted_plan(label_shares(recs), k), k
 
 
 def test_layer_fraction_calibrates_the_artifacts_skip_bias(tmp_path):

@@ -359,13 +359,18 @@ def shrink_routers(routers, features: torch.Tensor, valid: torch.Tensor, alpha: 
 
 @torch.no_grad()
 def label_center(records: list[dict], L: int) -> torch.Tensor:
-    """[L, 3] log of the labels' (``plan``) action shares per layer, Laplace-smoothed; ties in the skip share are
-    broken toward the lower layer (1e-4 per layer)."""
+    """[L, 3] centre logits from the labels' (``plan``) action shares per layer, Laplace-smoothed:
+    (log s, log(1 - s), log r) for skip share s and repeat share r. Skip beats execute where
+    logit(s) + skip_bias > 0, so at shrink 0 every skip_bias skips the layers with the highest skip share, the
+    labels' voted plan (:func:`retrofit.search.diagnostics.voted_plan`); with the execute share itself as the
+    second logit, a layer whose labels often *repeat* it would be skipped before layers the labels skip more.
+    Ties in the skip share are broken toward the lower layer (1e-4 per layer)."""
     counts = torch.ones(L, 3)
     for r in records:
         for i, a in enumerate(r["plan"]):
             counts[i, ACTIONS.index(a)] += 1
-    c = (counts / counts.sum(-1, keepdim=True)).log()
+    share = counts / counts.sum(-1, keepdim=True)
+    c = torch.stack([share[:, 0].log(), (1 - share[:, 0]).log(), share[:, 2].log()], -1)
     # break ties between layers as voted_plan does (the lower layer first), so that every budget k is reachable
     # with one skip_bias: without it two layers with equal shares cross the threshold together
     c[:, 0] -= 1e-4 * torch.arange(L, dtype=c.dtype)
@@ -381,7 +386,7 @@ def calibrate_skip_bias(routers, features: torch.Tensor, valid: torch.Tensor, la
 
     def share(b: float) -> float:
         a = (logits + torch.tensor([b, 0.0, repeat_bias], device=logits.device)).argmax(-1)
-        return float(((a == 1).sum() + 2 * (a == 2).sum()) / a.numel())
+        return (int((a == 1).sum()) + 2 * int((a == 2).sum())) / a.numel()  # exact: 27 of 30 is 0.9
 
     lo, hi = -50.0, 50.0  # share(lo) >= share(hi)
     if share(hi) > layer_fraction or share(lo) < layer_fraction:

@@ -12,29 +12,16 @@ study never reports less than the base model. This is the baseline that per-exam
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 from retrofit.core.plans import ACTIONS, plan_passes
+from retrofit.core.storage import storage_url  # re-exported: defined once in core
 
 from .evaluator import PlanEvaluator
 from .mcts import budget_passes
 from .tasks import Example
 
 __all__ = ["run_study", "static_plan_study", "static_skip_study", "evaluate_static_plan", "storage_url"]
-
-
-def storage_url(storage: str | None) -> str:
-    """A SQLAlchemy URL; a bare path becomes ``sqlite:///path``; SQLite's folder is created."""
-    if storage is None:
-        storage = "sqlite:///runs/optuna.db"
-    if "://" not in storage:
-        storage = f"sqlite:///{storage}"
-    if storage.startswith("sqlite:///"):
-        path = Path(storage[len("sqlite:///"):])
-        if str(path) not in ("", ":memory:"):
-            path.parent.mkdir(parents=True, exist_ok=True)
-    return storage
 
 
 def run_study(objective: Callable, *, study_name: str, storage: str | None = None, n_trials: int = 30,

@@ -3,6 +3,7 @@ from the training data and disjoint from what trials train on, the paper's setti
 finetuning keeps λ = 0, and a second call on the same storage does not redo finished trials."""
 
 import contextlib
+import re
 
 import pytest
 import torch
@@ -197,3 +198,66 @@ def test_layer_choices_and_bad_input(tmp_path):
         tune.roma_study(tiny_model("llama"), TOK, TRAIN, n_trials=1, storage=str(tmp_path / "b.db"),
                         progress=False)
 
+
+def _flat(text: str) -> str:
+    """CLI output without rich's box drawing and line wrapping."""
+    return " ".join(re.sub(r"[\u2500-\u257f]", " ", text).split())
+
+
+def test_cli_tune(tmp_path):
+    """`retrofit roma --tune N` on a tiny MoE saved with SmolLM2's tokenizer (skipped without it): clear errors
+    for what contradicts --tune, then a plain (--lam 0) study, the best settings trained on all the data."""
+    import json
+
+    import typer
+    from typer.testing import CliRunner
+
+    import retrofit
+    from retrofit.methods.roma.cli import register
+    from retrofit.models import cache_dir
+
+    src = cache_dir() / "smollm2-135m-instruct"
+    if not (src / "tokenizer.json").is_file():
+        pytest.skip("the default model's tokenizer is not converted here")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(src)
+    model = tiny_model("mixtral", vocab_size=len(tok), num_hidden_layers=6)
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    data = tmp_path / "q.jsonl"
+    data.write_text("".join(json.dumps({"question": ex.prompt.split("\n")[0][len("Question: "):],
+                                        "choices": ex.choices, "answer": ex.gold}) + "\n" for ex in TRAIN[:10]))
+    (tmp_path / "one.jsonl").write_text(data.read_text().splitlines()[0] + "\n")
+    app = typer.Typer()
+
+    @app.callback()
+    def _root():
+        pass
+
+    register(app)
+    base = ["roma", "--train", str(data), "--out", str(tmp_path / "art"), "--model", str(tmp_path / "m"),
+            "--storage", str(tmp_path / "s.db")]
+    run = CliRunner().invoke
+    for extra, msg in ((["--tune", "0"], "greater than or equal to 1"),
+                       (["--tune", "2", "--lr", "1e-3"], "--lr: chosen by the study"),
+                       (["--tune", "2", "--epochs", "2", "--k", "4"], "--k, --epochs: chosen by the study"),
+                       (["--tune", "2", "--lam", "0.5"], "--lam 0 .plain"),
+                       (["--tune", "2", "--split", "test"], "never the test set"),
+                       (["--tune", "2", "--val-fraction", "1"], "strictly between 0 and 1")):
+        res = run(app, base + extra)
+        assert res.exit_code == 2, (extra, res.output)
+        assert re.search(msg, _flat(res.output)), (extra, res.output)
+    res = run(app, base[:2] + [str(tmp_path / "one.jsonl")] + base[3:] + ["--tune", "2"])
+    assert res.exit_code == 2 and "at least 2 training examples" in _flat(res.output)
+    assert not (tmp_path / "art").exists()
+    res = run(app, base + ["--tune", "2", "--lam", "0"])
+    assert res.exit_code == 0, res.output
+    study = json.loads((tmp_path / "art" / "study.json").read_text())
+    assert study["plain"] and study["n_trials"] == 2 and study["config"]["lam"] == 0.0
+    assert study["n_val"] == 2 and study["n_fit"] == 8 and study["storage"] == f"sqlite:///{tmp_path / 's.db'}"
+    rep = json.loads((tmp_path / "art" / "training_report.json").read_text())
+    assert rep["examples"] == 10 and rep["config"] == study["config"]  # the best settings, on all the data
+    h = retrofit.attach(model, "roma", routers=tmp_path / "art")
+    assert h.config.lam == 0.0 and h.config.lr == study["config"]["lr"]
+    h.detach()

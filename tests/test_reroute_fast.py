@@ -264,18 +264,18 @@ def test_window_during_generation_readapts_on_the_last_window():
 def test_schedule_defaults_and_validation():
     fast, paper = RerouteConfig(), RerouteConfig(schedule="paper")
     assert fast.schedule == "fast"
-    assert (paper.effective_steps, paper.effective_interval, paper.effective_window) == (5, 128, 0)
-    assert (fast.effective_interval, fast.effective_window) == (0, 128)
+    assert (paper.effective_steps, paper.effective_interval, paper.window) == (5, 128, 0)
+    assert (fast.effective_steps, fast.effective_interval, fast.window) == (3, 0, 0)
     assert RerouteConfig(steps=2, interval=7, window=0).effective_steps == 2
     assert RerouteConfig(schedule="paper", interval=0).effective_interval == 0
-    assert RerouteConfig(schedule="paper", window=0).effective_window == 0
     for kw, msg in [(dict(schedule="slow"), "schedule must be one of"),
-                    (dict(window=-1), "window must be an integer >= 0 or None"),
+                    (dict(window=-1), "window must be an integer >= 0"),
+                    (dict(window=None), "window must be an integer"),
                     (dict(steps=-2), "steps must be an integer >= 0 or None"),
                     (dict(interval=-1), "interval must be an integer >= 0 or None"),
-                    (dict(window="8"), "window must be an integer or None"),
-                    (dict(window=2.0), "window must be an integer or None"),
-                    (dict(window=True), "window must be an integer or None"),
+                    (dict(window="8"), "window must be an integer"),
+                    (dict(window=2.0), "window must be an integer"),
+                    (dict(window=True), "window must be an integer"),
                     (dict(schedule="paper", window=64), "needs schedule='fast'")]:
         with pytest.raises(ValueError, match=msg):
             RerouteConfig(**kw)

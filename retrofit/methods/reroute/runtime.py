@@ -1,22 +1,32 @@
 """Rewiring Experts on the Fly: test-time rerouting of MoE gates (arXiv 2510.14853).
 
-``h = retrofit.attach(model, "reroute", steps=5, lr=0.05, interval=128)`` adds, per sequence, a vector
-``delta_l`` in R^E to the router logits of the selected MoE layers (through the shared
-:class:`~retrofit.arch.gates.GateHook`, before each family's own scoring and top-k). The vectors are shared by
-all tokens of a sequence and start at zero for every new prompt.
+``h = retrofit.attach(model, "reroute")`` adds, per sequence, a vector ``delta_l`` in R^E to the router logits
+of the selected MoE layers (through the shared :class:`~retrofit.arch.gates.GateHook`, before each family's
+own scoring and top-k). The vectors are shared by all tokens of a sequence and start at zero for every new
+prompt.
 
 * **Prefill** (a forward whose KV cache is new or absent): ``steps`` optimiser steps (Adam by default, lr
   0.05) on the model's own next-token cross-entropy over the prompt, gradients into the deltas only (the base
   model is frozen; checked after every adaptation). The loss is the sum over batch rows of each row's mean
   token loss (padding masked), so rows adapt independently, exactly as if each were alone.
+* **Schedules**: ``schedule="paper"`` (``attach(model, "reroute", schedule="paper")``) is the paper's: 5
+  steps, each a forward of the whole model over the whole sequence so far and a backward to the lowest
+  adapted layer, re-adapted every 128 generated tokens. ``schedule="fast"`` (the default) is 3 steps at
+  prefill only, and the decoder layers below the lowest adapted MoE layer run once per adaptation under
+  no_grad (later steps replay their output: exactly the deltas of the full forward). ``steps`` / ``interval``
+  override either schedule's values. With 'fast', ``window=w`` > 0 takes the loss on the last w positions
+  only; the tokens before them run once, under no_grad, into a KV cache (their keys and values are then
+  constants of the optimisation): cheaper on long contexts, off by default (it lost the gain in our
+  measurement, docs/moe_methods.md).
 * **Layers**: an explicit ``layers`` list, all MoE layers (``num_layers=None``), or ``num_layers`` layers per
   sequence chosen by router confidence ``C_l = mean over context tokens of -log p(selected experts)``, measured
   in the first (delta = 0) forward: ``layer_order="least_confident"`` picks the largest C_l,
   ``"most_confident"`` the smallest (the paper's sign is disputed, both are here).
-* **Generation**: every ``interval`` new tokens the deltas are re-optimised (continuing from their current
-  values, fresh optimiser state, same layers) on the whole sequence so far. ``kv_cache="keep"`` leaves the
-  cache as it is (entries written before the update keep the old routing); ``"recompute"`` rebuilds the cache
-  of the whole prefix with the new deltas (one extra no-grad forward; DynamicCache only).
+* **Generation**: every ``interval`` new tokens (``paper``: 128; ``fast``: never) the deltas are re-optimised
+  (continuing from their current values, fresh optimiser state, same layers) on the sequence so far (its last
+  ``window`` positions when ``window`` > 0). ``kv_cache="keep"`` leaves the cache as it is (entries written before
+  the update keep the old routing); ``"recompute"`` rebuilds the cache of the whole prefix with the new deltas
+  (one extra no-grad forward; DynamicCache only).
 
 It works inside ``model.generate()`` (a forward pre-hook on the model detects new prompts by the identity of
 the KV cache object, like Dr.LLM, and runs the adaptation under ``torch.enable_grad()``). Explicit control:
@@ -343,7 +353,7 @@ class Reroute(Method):
         self.delta = delta
         opt = self._optimiser(delta)
         pos = _positions(mask)
-        w = cfg.effective_window
+        w = cfg.window
         split = T - 1 - w if 0 < w < T - 1 else 0  # tokens [0, split) are the no-grad prefix
         targets = ids[:, split + 1:]
         valid = (mask[:, split + 1:] * mask[:, split:-1]).bool()
@@ -537,6 +547,6 @@ class Reroute(Method):
             "moe_layers": list(getattr(self, "moe_layers", [])),
             "kv_cache": self.config.kv_cache,
             "schedule": self.config.schedule,
-            "window": self.config.effective_window,
+            "window": self.config.window,
             "last": last,
         }

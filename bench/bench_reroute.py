@@ -1,26 +1,36 @@
-"""Rewiring Experts on the Fly (``reroute``) on the MoE testbed: base vs test-time rerouting, same examples, same run.
+"""Rewiring Experts on the Fly (``reroute``) on the MoE testbed: base vs test-time rerouting, same examples, same run,
+both schedules (the default ``schedule="fast"`` and ``schedule="paper"``).
 
-    OMP_NUM_THREADS=1 python bench/bench_reroute.py --arc-limit 50 --chunks 8 --out bench/results/reroute.json
+    OMP_NUM_THREADS=1 python bench/bench_reroute.py --arc-limit 100 --chunks 16 --out bench/results/reroute.json
 
-Model: ``retrofit.moe.moefy.load_testbed()`` (SmolLM2-135M made into an 8-expert top-2 Mixtral; run
-``retrofit moefy`` first) or ``--tiny`` (a random tiny Mixtral with SmolLM2's tokenizer: checks the script only,
-its numbers mean nothing).
+Model: ``retrofit.moe.moefy.load_bench_model()`` (the distilled SmolLM2-135M MoE testbed; run ``retrofit moefy``
+first) or ``--tiny`` (a random tiny Mixtral with SmolLM2's tokenizer: checks the script only, its numbers mean
+nothing).
 
-Two measurements, each with the base model and with rerouting in three layer choices (all MoE layers;
-``--num-layers`` least-confident layers; ``--num-layers`` most-confident layers), ``--steps`` Adam steps at
-``--lr``:
+Quality, with the base model and with rerouting in each of ``--variants`` (``default``: the default config, every
+MoE layer; ``paper``: ``schedule="paper"``; ``least_confident`` / ``most_confident``: ``--num-layers`` layers by
+router confidence, default schedule; ``steps<N>``: the default with N steps), adaptation at prefill only:
 
 * held-out text: ``--chunks`` windows of the Shakespeare tail the gate fit never read; adapt on the first
   ``--ctx`` tokens, then the next-token loss on the following ``--cont`` tokens (``base_loss`` / ``reroute_loss``,
   mean per token) -- the deltas never see the tokens they are scored on;
 * ARC-Easy test (first ``--arc-limit`` questions): adapt on the prompt ("Question: ...\\nAnswer:"), then lm-eval's
-  ``acc`` (summed log-likelihood of " " + choice) with the adapted deltas (``base_acc`` / ``reroute_acc``).
+  ``acc`` (summed log-likelihood of " " + choice) with the adapted deltas (``base_acc`` / ``reroute_acc``);
+* ``--long-ctx`` (0: off): the held-out text again with that many context tokens: base, default, paper, and the
+  default with ``window=--long-window`` (the loss on the last 128 positions, the prefix a fixed no-grad KV
+  cache) (``long_context``; losses and CPU seconds of the whole text pass).
+
+``reroute_loss`` / ``reroute_acc``: the ``default`` variant; ``paper_schedule_loss`` / ``paper_schedule_acc``: the
+``paper`` variant.
 
 ``time_overhead``: the paper's setting, generation. ``--gen-prompts`` prompts of ``--ctx`` held-out tokens, greedy
-``model.generate`` of ``--gen-tokens`` new tokens with the base model and with ``reroute`` at its defaults (5 Adam
-steps at lr 0.05 on the prompt, re-adapted every 128 new tokens on the sequence so far, all MoE layers, KV cache
-kept): (time with rerouting) / (base time) - 1 over the same prompts. ``time_overhead_scoring`` is the same ratio
-for the scoring work above (one adaptation per item against one scoring forward: the worst case).
+``model.generate`` of ``--gen-tokens`` new tokens with the base model, with ``reroute`` at its defaults and with
+``reroute`` at ``schedule="paper"`` (5 Adam steps at lr 0.05 on the prompt, re-adapted every 128 new tokens on the
+sequence so far, all MoE layers, KV cache kept), the three interleaved prompt by prompt: (time with rerouting) /
+(base time) - 1 over the same prompts, for the default (``time_overhead``) and the paper schedule
+(``paper_schedule_time_overhead``); wall-clock seconds, and the same ratios in CPU seconds of this process
+(``*_cpu``: the machine may be shared). ``time_overhead_scoring`` is the wall-clock ratio for the scoring work
+above (one adaptation per item against one scoring forward: the worst case), default schedule.
 """
 
 from __future__ import annotations
@@ -65,13 +75,15 @@ def main():
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--ctx", type=int, default=128)
     ap.add_argument("--cont", type=int, default=64)
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=None, help="steps for every variant (default: each schedule's)")
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--optimizer", default="adam")
+    ap.add_argument("--long-ctx", type=int, default=0, help="context tokens of the long-context text check (0: off)")
+    ap.add_argument("--long-window", type=int, default=128, help="window of the long-context check's window arm")
     ap.add_argument("--num-layers", type=int, default=0, help="layers for the confidence orderings (0: a third)")
     ap.add_argument("--gen-prompts", type=int, default=4)
     ap.add_argument("--gen-tokens", type=int, default=256)
-    ap.add_argument("--variants", default="all_layers,least_confident,most_confident")
+    ap.add_argument("--variants", default="default,paper,least_confident,most_confident")
     ap.add_argument("--generation-only", action="store_true",
                     help="re-measure only the generation overhead and update it in --out (the rest is kept)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "reroute.json"))
@@ -91,11 +103,20 @@ def main():
     model, tok = load(args.tiny)
     n_moe = len(retrofit.arch.get_adapter(model).moe_gates(model))
     k = args.num_layers or max(1, n_moe // 3)
-    variants = {"all_layers": dict(num_layers=None),
-                "least_confident": dict(num_layers=k, layer_order="least_confident"),
-                "most_confident": dict(num_layers=k, layer_order="most_confident")}
-    variants = {v: variants[v] for v in args.variants.split(",")}
-    common = dict(steps=args.steps, lr=args.lr, optimizer=args.optimizer, interval=0)
+    known = {"default": dict(num_layers=None), "paper": dict(schedule="paper", num_layers=None),
+             "least_confident": dict(num_layers=k, layer_order="least_confident"),
+             "most_confident": dict(num_layers=k, layer_order="most_confident")}
+    variants = {}
+    for v in args.variants.split(","):
+        if v in known:
+            variants[v] = known[v]
+        elif v.startswith("steps") and v[5:].isdigit():
+            variants[v] = dict(num_layers=None, steps=int(v[5:]))
+        else:
+            ap.error(f"unknown variant {v!r}; known: {sorted(known)} or steps<N>")
+    common = dict(lr=args.lr, optimizer=args.optimizer, interval=0)
+    if args.steps is not None:
+        common["steps"] = args.steps
     log(f"model {type(model).__name__} ({'tiny random' if args.tiny else 'MoE testbed'}), {n_moe} MoE layers, "
         f"threads {torch.get_num_threads()}; variants {variants}; {common}")
 
@@ -104,8 +125,7 @@ def main():
     if args.generation_only:
         out = json.loads(Path(args.out).read_text())
         gen = generation_overhead(model, text_ids, args, log)
-        out.update({"time_overhead": gen["time_overhead"], "generation": gen,
-                    "generation_command": "OMP_NUM_THREADS=1 python " + " ".join(sys.argv)})
+        out.update({**_gen_keys(gen), "generation_command": "OMP_NUM_THREADS=1 python " + " ".join(sys.argv)})
         Path(args.out).write_text(json.dumps(out, indent=1))
         log(f"updated {args.out}")
         return
@@ -115,19 +135,23 @@ def main():
     arc = load_task("arc_easy", split="test", limit=args.arc_limit)
     log(f"{len(chunks)} text chunks of {args.ctx}+{args.cont} tokens; {len(arc)} ARC-Easy test questions")
 
-    def run(handle):
-        """(text loss per token, ARC acc, seconds, per-item correct list); handle=None: base model."""
-        t0 = time.perf_counter()
+    def text_loss(handle, chunks, ctx):
         nll, n = 0.0, 0
         for c in chunks:
             if handle is not None:
-                handle.adapt(c[None, :args.ctx])
+                handle.adapt(c[None, :ctx])
                 with handle.frozen():
-                    a, b = cont_loss(model, c, args.ctx)
+                    a, b = cont_loss(model, c, ctx)
             else:
-                a, b = cont_loss(model, c, args.ctx)
+                a, b = cont_loss(model, c, ctx)
             nll += a
             n += b
+        return nll / n
+
+    def run(handle):
+        """(text loss per token, ARC acc, seconds, per-item correct list); handle=None: base model."""
+        t0 = time.perf_counter()
+        loss = text_loss(handle, chunks, args.ctx)
         t_text = time.perf_counter() - t0
         t0 = time.perf_counter()
         correct = []
@@ -140,20 +164,22 @@ def main():
                 s = choice_scores(model, tok, ex.prompt, ex.choices)
             correct.append(int(max(range(len(s)), key=s.__getitem__) == ex.gold))
         t_arc = time.perf_counter() - t0
-        return nll / n, sum(correct) / len(correct), t_text, t_arc, correct
+        return loss, sum(correct) / len(correct), t_text, t_arc, correct
 
     params0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     base_loss, base_acc, bt_text, bt_arc, base_correct = run(None)
     log(f"base: loss {base_loss:.4f}, ARC acc {base_acc:.4f} ({bt_text:.0f} s text, {bt_arc:.0f} s ARC)")
     results = {}
     for name, kw in variants.items():
-        h = retrofit.attach(model, "reroute", **common, **kw)
+        h = retrofit.attach(model, "reroute", **{**common, **kw})
         try:
             loss, acc, t_text, t_arc, correct = run(h)
             st = h.stats()
         finally:
             h.detach()
         results[name] = {
+            "config": kw, "schedule": st["schedule"], "steps_per_adaptation": h.config.effective_steps,
+            "window": st["window"],
             "reroute_loss": loss, "reroute_acc": acc,
             "time_overhead": (t_text + t_arc) / (bt_text + bt_arc) - 1,
             "time_overhead_text": t_text / bt_text - 1, "time_overhead_arc": t_arc / bt_arc - 1,
@@ -164,9 +190,34 @@ def main():
         }
         log(f"{name}: loss {loss:.4f} (base {base_loss:.4f}), ARC acc {acc:.4f} (base {base_acc:.4f}), "
             f"overhead {results[name]['time_overhead']:.2f}; layers chosen {st['layer_counts']}")
+    long = None
+    if args.long_ctx:
+        W = args.long_ctx + args.cont
+        stride = max(W, (len(text_ids) - W) // max(args.chunks, 1))
+        long_chunks = [torch.tensor(text_ids[s:s + W]) for s in range(0, len(text_ids) - W, stride)][:args.chunks]
+        long = {"ctx": args.long_ctx, "cont": args.cont, "chunks": len(long_chunks)}
+        t0 = time.process_time()
+        long["base_loss"] = text_loss(None, long_chunks, args.long_ctx)
+        long["base_cpu_s"] = time.process_time() - t0
+        arms = [("default", {}), ("paper", dict(schedule="paper"))]
+        if 0 < args.long_window < args.long_ctx - 1:
+            arms.append((f"window{args.long_window}", dict(window=args.long_window)))
+        for name, kw in arms:
+            h = retrofit.attach(model, "reroute", **{**common, **kw})
+            try:
+                t0 = time.process_time()
+                long[f"{name}_loss"] = text_loss(h, long_chunks, args.long_ctx)
+                long[f"{name}_cpu_s"] = time.process_time() - t0
+                long[f"{name}_adapt_s"] = h.stats()["time_s"]  # wall-clock seconds inside the adaptations
+                long[f"{name}_window"] = h.config.window
+            finally:
+                h.detach()
+        log(f"long context ({args.long_ctx} tokens): base {long['base_loss']:.4f}; " + ", ".join(
+            f"{name} {long[name + '_loss']:.4f} ({long[name + '_cpu_s']:.0f} s)" for name, _ in arms))
     gen = generation_overhead(model, text_ids, args, log)
     assert all(torch.equal(p, params0[n]) for n, p in model.named_parameters()), "base parameters changed"
-    main_v = "all_layers"
+    main_v = "default" if "default" in results else next(iter(results))
+    paper_v = results.get("paper", {})
     out = {
         "command": "OMP_NUM_THREADS=1 python " + " ".join(sys.argv),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -177,11 +228,13 @@ def main():
                          f"the next {args.cont}", "arc_easy_test": len(arc)},
         "base_loss": base_loss, "base_acc": base_acc,
         "reroute_loss": results[main_v]["reroute_loss"], "reroute_acc": results[main_v]["reroute_acc"],
-        "time_overhead": gen["time_overhead"],
+        "paper_schedule_loss": paper_v.get("reroute_loss"), "paper_schedule_acc": paper_v.get("reroute_acc"),
+        **_gen_keys(gen),
         "time_overhead_scoring": results[main_v]["time_overhead"],
-        "generation": gen,
+        "paper_schedule_time_overhead_scoring": paper_v.get("time_overhead"),
         "main_variant": main_v,
         "variants": results,
+        "long_context": long,
         "base_time_s": {"text": bt_text, "arc": bt_arc},
         "threads": torch.get_num_threads(),
         "seconds": time.time() - t_start,
@@ -192,39 +245,61 @@ def main():
     log(f"wrote {args.out}")
 
 
+def _gen_keys(gen: dict) -> dict:
+    return {"time_overhead": gen["default"]["time_overhead"],
+            "paper_schedule_time_overhead": gen["paper"]["time_overhead"],
+            "time_overhead_cpu": gen["default"]["time_overhead_cpu"],
+            "paper_schedule_time_overhead_cpu": gen["paper"]["time_overhead_cpu"],
+            "generation": gen}
+
+
 @torch.no_grad()
 def generation_overhead(model, text_ids, args, log) -> dict:
-    """Greedy generation, base vs reroute at its default settings, the same prompts (see the module docstring)."""
+    """Greedy generation: base, reroute at its defaults and at schedule='paper', the same prompts, interleaved
+    prompt by prompt (see the module docstring)."""
     import retrofit
 
     n, W = args.gen_prompts, args.ctx
     starts = [len(text_ids) // 2 + i * 997 for i in range(n)]
     prompts = [torch.tensor([text_ids[s:s + W]]) for s in starts]
     model.generation_config.eos_token_id = None
-
-    def gen_all():
-        t = time.perf_counter()
-        outs = [model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=args.gen_tokens,
-                               do_sample=False, pad_token_id=0)[0, W:] for p in prompts]
-        return time.perf_counter() - t, outs
-
-    t_base, base_out = gen_all()
-    h = retrofit.attach(model, "reroute")  # defaults: steps 5, lr 0.05, interval 128, all MoE layers, kv keep
-    try:
-        t_rr, rr_out = gen_all()
-        st = h.stats()
-        cfg = {"steps": h.config.steps, "lr": h.config.lr, "interval": h.config.interval,
-               "kv_cache": h.config.kv_cache,
-               "layers": "all MoE layers" if h.config.num_layers is None else h.config.num_layers}
-    finally:
-        h.detach()
-    same = sum(int(torch.equal(a, b)) for a, b in zip(base_out, rr_out))
-    res = {"prompts": n, "prompt_tokens": W, "new_tokens": args.gen_tokens, "config": cfg,
-           "base_s": t_base, "reroute_s": t_rr, "time_overhead": t_rr / t_base - 1,
-           "adaptations": st["adaptations"], "adapt_time_s": st["time_s"],
-           "outputs_changed": n - same}
-    log(f"generation: base {t_base:.1f} s, reroute {t_rr:.1f} s -> overhead {res['time_overhead']:.3f} "
-        f"({st['adaptations']} adaptations, {st['time_s']:.1f} s adapting; {n - same}/{n} outputs changed)")
+    arms = {"base": None, "default": {}, "paper": {"schedule": "paper"}}
+    wall = {a: 0.0 for a in arms}
+    cpu = {a: 0.0 for a in arms}
+    outs = {a: [] for a in arms}
+    stats = {a: {"adaptations": 0, "adapt_time_s": 0.0} for a in arms if a != "base"}
+    cfgs = {}
+    for p in prompts:
+        for arm, kw in arms.items():
+            h = None if kw is None else retrofit.attach(model, "reroute", **kw)  # the defaults of each schedule
+            try:
+                t, c = time.perf_counter(), time.process_time()
+                o = model.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=args.gen_tokens,
+                                   do_sample=False, pad_token_id=0)[0, W:]
+                wall[arm] += time.perf_counter() - t
+                cpu[arm] += time.process_time() - c
+                outs[arm].append(o)
+                if h is not None:
+                    st = h.stats()
+                    stats[arm]["adaptations"] += st["adaptations"]
+                    stats[arm]["adapt_time_s"] += st["time_s"]
+                    cfgs[arm] = {"schedule": h.config.schedule, "steps": h.config.effective_steps, "lr": h.config.lr,
+                                 "interval": h.config.effective_interval, "window": h.config.window,
+                                 "kv_cache": h.config.kv_cache,
+                                 "layers": "all MoE layers" if h.config.num_layers is None else h.config.num_layers}
+            finally:
+                if h is not None:
+                    h.detach()
+    res = {"prompts": n, "prompt_tokens": W, "new_tokens": args.gen_tokens, "base_s": wall["base"],
+           "base_cpu_s": cpu["base"]}
+    for arm in ("default", "paper"):
+        same = sum(int(torch.equal(a, b)) for a, b in zip(outs["base"], outs[arm]))
+        res[arm] = {"config": cfgs[arm], "reroute_s": wall[arm], "reroute_cpu_s": cpu[arm],
+                    "time_overhead": wall[arm] / wall["base"] - 1, "time_overhead_cpu": cpu[arm] / cpu["base"] - 1,
+                    **stats[arm], "outputs_changed": n - same}
+        log(f"generation, {arm}: base {wall['base']:.1f} s, reroute {wall[arm]:.1f} s -> overhead "
+            f"{res[arm]['time_overhead']:.3f} (cpu {res[arm]['time_overhead_cpu']:.3f}; {stats[arm]['adaptations']} "
+            f"adaptations, {stats[arm]['adapt_time_s']:.1f} s adapting; {n - same}/{n} outputs changed)")
     return res
 
 

@@ -1,22 +1,32 @@
 """Rewiring Experts on the Fly: test-time rerouting of MoE gates (arXiv 2510.14853).
 
-``h = retrofit.attach(model, "reroute", steps=5, lr=0.05, interval=128)`` adds, per sequence, a vector
-``delta_l`` in R^E to the router logits of the selected MoE layers (through the shared
-:class:`~retrofit.arch.gates.GateHook`, before each family's own scoring and top-k). The vectors are shared by
-all tokens of a sequence and start at zero for every new prompt.
+``h = retrofit.attach(model, "reroute")`` adds, per sequence, a vector ``delta_l`` in R^E to the router logits
+of the selected MoE layers (through the shared :class:`~retrofit.arch.gates.GateHook`, before each family's
+own scoring and top-k). The vectors are shared by all tokens of a sequence and start at zero for every new
+prompt.
 
 * **Prefill** (a forward whose KV cache is new or absent): ``steps`` optimiser steps (Adam by default, lr
   0.05) on the model's own next-token cross-entropy over the prompt, gradients into the deltas only (the base
   model is frozen; checked after every adaptation). The loss is the sum over batch rows of each row's mean
   token loss (padding masked), so rows adapt independently, exactly as if each were alone.
+* **Schedules**: ``schedule="paper"`` (``attach(model, "reroute", schedule="paper")``) is the paper's: 5
+  steps, each a forward of the whole model over the whole sequence so far and a backward to the lowest
+  adapted layer, re-adapted every 128 generated tokens. ``schedule="fast"`` (the default) is 3 steps at
+  prefill only, and the decoder layers below the lowest adapted MoE layer run once per adaptation under
+  no_grad (later steps replay their output: exactly the deltas of the full forward). ``steps`` / ``interval``
+  override either schedule's values. With 'fast', ``window=w`` > 0 takes the loss on the last w positions
+  only; the tokens before them run once, under no_grad, into a KV cache (their keys and values are then
+  constants of the optimisation): cheaper on long contexts, off by default (it lost the gain in our
+  measurement, docs/moe_methods.md).
 * **Layers**: an explicit ``layers`` list, all MoE layers (``num_layers=None``), or ``num_layers`` layers per
   sequence chosen by router confidence ``C_l = mean over context tokens of -log p(selected experts)``, measured
   in the first (delta = 0) forward: ``layer_order="least_confident"`` picks the largest C_l,
   ``"most_confident"`` the smallest (the paper's sign is disputed, both are here).
-* **Generation**: every ``interval`` new tokens the deltas are re-optimised (continuing from their current
-  values, fresh optimiser state, same layers) on the whole sequence so far. ``kv_cache="keep"`` leaves the
-  cache as it is (entries written before the update keep the old routing); ``"recompute"`` rebuilds the cache
-  of the whole prefix with the new deltas (one extra no-grad forward; DynamicCache only).
+* **Generation**: every ``interval`` new tokens (``paper``: 128; ``fast``: never) the deltas are re-optimised
+  (continuing from their current values, fresh optimiser state, same layers) on the sequence so far (its last
+  ``window`` positions when ``window`` > 0). ``kv_cache="keep"`` leaves the cache as it is (entries written before
+  the update keep the old routing); ``"recompute"`` rebuilds the cache of the whole prefix with the new deltas
+  (one extra no-grad forward; DynamicCache only).
 
 It works inside ``model.generate()`` (a forward pre-hook on the model detects new prompts by the identity of
 the KV cache object, like Dr.LLM, and runs the adaptation under ``torch.enable_grad()``). Explicit control:
@@ -34,7 +44,7 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
-from retrofit.core.hooks import RequestTracker
+from retrofit.core.hooks import RequestTracker, patch_forward
 from retrofit.methods import Method, register_method
 from retrofit.methods.reroute.config import RerouteConfig
 
@@ -78,6 +88,72 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids as ``generate`` makes them from a (left-)padding mask."""
     pos = mask.long().cumsum(-1) - 1
     return pos.masked_fill(mask == 0, 0)
+
+
+def _per_sequence(parts: list[torch.Tensor], B: int) -> torch.Tensor:
+    """One layer's recorded rows [N_i, X] of several forwards over consecutive pieces of the same B sequences,
+    joined per sequence (batch-major, as one forward over the whole sequences would give them)."""
+    if len(parts) == 1:
+        return parts[0]
+    joined = torch.cat([p.view(B, -1, p.shape[-1]) for p in parts], 1)
+    return joined.view(-1, joined.shape[-1])
+
+
+def _snapshot_layers() -> tuple:
+    from transformers.cache_utils import DynamicIndexedLayer, DynamicLayer, DynamicSlidingWindowLayer
+
+    return (DynamicLayer, DynamicSlidingWindowLayer, DynamicIndexedLayer)
+
+
+try:  # cache layers whose update replaces its tensors (cat / slice) and never writes them in place
+    _SNAPSHOT_LAYERS = _snapshot_layers()
+except ImportError:  # pragma: no cover - another transformers: no prefix split
+    _SNAPSHOT_LAYERS = ()
+
+
+class _Replay:
+    """State of the decoder-layer wrappers during one fast adaptation."""
+
+    def __init__(self):
+        self.no_grad_below = 0  # layers below this one run under no_grad
+        self.record = False  # keep the (detached) output of the layers in record_layers (None: all)
+        self.record_layers: set[int] | None = None
+        self.outputs: dict[int, object] = {}
+        self.start: int | None = None  # layers below this one return the recorded output instead of running
+        self.saved = None  # the output of layer start - 1, as that layer returned it
+        self.arity: dict[int, int] = {}  # layers that return tuples (GLM-MoE-DSA: hidden, topk indices)
+
+
+def _detached(out):
+    if torch.is_tensor(out):
+        return out.detach()
+    if isinstance(out, tuple):
+        return tuple(_detached(o) for o in out)
+    return out
+
+
+def _replaying_forward(i: int, layer, st: _Replay):
+    orig = layer.__dict__.get("forward") or type(layer).forward.__get__(layer)
+
+    def forward(*args, **kwargs):
+        if st.start is not None and i < st.start:
+            if i == st.start - 1:
+                return st.saved
+            h = args[0] if args else kwargs["hidden_states"]  # ignored by the next layer, which replays too
+            n = st.arity.get(i, 0)
+            return (h,) + (None,) * (n - 1) if n else h
+        if i < st.no_grad_below:
+            with torch.no_grad():
+                out = orig(*args, **kwargs)
+        else:
+            out = orig(*args, **kwargs)
+        if st.record:
+            st.arity[i] = len(out) if isinstance(out, tuple) else 0
+            if st.record_layers is None or i in st.record_layers:
+                st.outputs[i] = _detached(out)
+        return out
+
+    return forward
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -175,17 +251,42 @@ class Reroute(Method):
             off = d[:, j]
             self.hook.set_offset(l, off[0] if off.shape[0] == 1 else off, owner=OWNER)
 
+    def _optimiser(self, delta: torch.Tensor):
+        cfg = self.config
+        if cfg.optimizer == "adam":
+            return torch.optim.Adam([delta], lr=cfg.lr)
+        return torch.optim.SGD([delta], lr=cfg.lr)
+
     def _optimise(self, ids: torch.Tensor, mask: torch.Tensor, choose: bool) -> None:
+        """Adapt the deltas on the sequence so far ``ids`` [B, T] (``mask`` its padding mask); ``choose``: pick
+        the layers by confidence in the first forward (a new request without fixed layers)."""
+        if self.config.schedule == "paper":
+            self._optimise_paper(ids, mask, choose)
+        else:
+            self._optimise_fast(ids, mask, choose)
+
+    def _finish(self, delta: torch.Tensor, losses: list, steps: int, t0: float) -> None:
+        leaked = [n for n, p in self.model.named_parameters() if p.grad is not None]
+        if leaked:
+            raise RuntimeError(f"rerouting put gradients into base parameters {leaked[:3]}...; the base must stay "
+                               "frozen")
+        self.delta = delta.detach()
+        self._install()
+        self._n_adapt += 1
+        self._n_steps += steps
+        self._time += time.perf_counter() - t0
+        self._last_losses = torch.stack(losses, 1).tolist() if losses else []
+
+    def _optimise_paper(self, ids: torch.Tensor, mask: torch.Tensor, choose: bool) -> None:
+        """schedule='paper': every step is a forward of the whole model over the whole sequence, and a backward
+        from the loss to the lowest live offset (autograd records nothing below it)."""
         cfg = self.config
         B, T = ids.shape
         device = ids.device
         t0 = time.perf_counter()
         delta = self.delta.detach().clone().requires_grad_(True)
         self.delta = delta
-        if cfg.optimizer == "adam":
-            opt = torch.optim.Adam([delta], lr=cfg.lr)
-        else:
-            opt = torch.optim.SGD([delta], lr=cfg.lr)
+        opt = self._optimiser(delta)
         pos = _positions(mask)
         targets = ids[:, 1:]
         valid = (mask[:, 1:] * mask[:, :-1]).bool()
@@ -194,7 +295,7 @@ class Reroute(Method):
         self._busy = True
         try:
             with torch.enable_grad():
-                for step in range(cfg.steps):
+                for step in range(cfg.effective_steps):
                     if choose and step == 0:
                         self.layer_mask = torch.ones(B, len(self.moe_layers))  # delta is 0: nothing changes
                     self._install(live=True)
@@ -222,16 +323,109 @@ class Reroute(Method):
                     del out, logits, ce
         finally:
             self._busy = False
-        leaked = [n for n, p in self.model.named_parameters() if p.grad is not None]
-        if leaked:
-            raise RuntimeError(f"rerouting put gradients into base parameters {leaked[:3]}...; the base must stay "
-                               "frozen")
-        self.delta = delta.detach()
-        self._install()
-        self._n_adapt += 1
-        self._n_steps += cfg.steps
-        self._time += time.perf_counter() - t0
-        self._last_losses = torch.stack(losses, 1).tolist() if losses else []
+        self._finish(delta, losses, cfg.effective_steps, t0)
+
+    def _lowest_live(self) -> int | None:
+        """The lowest decoder layer whose gate gets a live offset under the current layer mask (None: none)."""
+        live = [l for j, l in enumerate(self.moe_layers) if bool(self.layer_mask[:, j].any())]
+        return min(live) if live else None
+
+    def _optimise_fast(self, ids: torch.Tensor, mask: torch.Tensor, choose: bool) -> None:
+        """schedule='fast': the same objective as 'paper' when ``window`` is 0 (the same deltas up to float
+        summation order), at a lower cost:
+
+        * the decoder layers below the lowest adapted MoE layer do not depend on the deltas: they run under
+          no_grad in the first step, their output is kept, and later steps start from it (the layers below are
+          replaced by a replay of that output for the duration of the adaptation);
+        * with ``window`` w > 0 the loss is the next-token loss of the last w positions only; the tokens before
+          them run once, under no_grad, into a DynamicCache (with the deltas as they are: none at prefill), and
+          every step runs the w + 1 window tokens against that cache (restored before each step). The prefix's
+          keys and values are then constants of the optimisation: its dependence on the deltas is not followed.
+        """
+        from transformers.cache_utils import DynamicCache
+
+        cfg = self.config
+        B, T = ids.shape
+        device = ids.device
+        steps = cfg.effective_steps
+        t0 = time.perf_counter()
+        delta = self.delta.detach().clone().requires_grad_(True)
+        self.delta = delta
+        opt = self._optimiser(delta)
+        pos = _positions(mask)
+        w = cfg.window
+        split = T - 1 - w if 0 < w < T - 1 else 0  # tokens [0, split) are the no-grad prefix
+        targets = ids[:, split + 1:]
+        valid = (mask[:, split + 1:] * mask[:, split:-1]).bool()
+        n_valid = valid.sum(1).clamp_min(1)
+        layers = self.adapter.layers(self.model)
+        st = _Replay()
+        losses = []
+        self._busy = True
+        patches = []
+        try:
+            with contextlib.ExitStack() as stack:
+                rec = stack.enter_context(self.hook.recording()) if choose else None
+                cache = snapshot = None
+                if split:
+                    self._install()  # the deltas as they are (at prefill: none, or zeros)
+                    cache = DynamicCache(config=self.model.config)
+                    with torch.no_grad():
+                        self.model(input_ids=ids[:, :split], attention_mask=mask[:, :split],
+                                   position_ids=pos[:, :split], past_key_values=cache, use_cache=True)
+                    if all(type(c) in _SNAPSHOT_LAYERS for c in cache.layers):
+                        snapshot = [dict(c.__dict__) for c in cache.layers]
+                    else:  # a cache layer that may update in place: no prefix split (the loss stays the window's)
+                        cache, split = None, 0
+                win_ids, win_pos = ids[:, split:], pos[:, split:]
+                if not choose:  # the layers are known: keep only the output the later steps start from
+                    st.record_layers = {(self._lowest_live() or 0) - 1}
+                for i, layer in enumerate(layers):
+                    patches.append(patch_forward(layer, _replaying_forward(i, layer, st)))
+                with torch.enable_grad():
+                    for step in range(steps):
+                        if choose and step == 0:
+                            self.layer_mask = torch.ones(B, len(self.moe_layers))  # delta is 0: nothing changes
+                        self._install(live=True)
+                        st.no_grad_below = self._lowest_live() or 0
+                        st.record = step == 0
+                        if snapshot is not None:
+                            for c, saved in zip(cache.layers, snapshot):
+                                c.__dict__.update(saved)
+                        out = self.model(input_ids=win_ids, attention_mask=mask, position_ids=win_pos,
+                                         past_key_values=cache, use_cache=cache is not None)
+                        logits = out.logits[:, :-1].float()
+                        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                             reduction="none").view(B, -1)
+                        row_loss = (ce * valid).sum(1) / n_valid
+                        losses.append(row_loss.detach().cpu())
+                        if choose and step == 0:
+                            ok = mask.bool().cpu()
+                            conf = torch.stack([
+                                router_confidence(_per_sequence(rec.scores[l], B), _per_sequence(rec.indices[l], B),
+                                                  ok, self.hook.scoring)
+                                for l in self.moe_layers], dim=1)
+                            self.confidence = conf
+                            self.layer_mask = select_layers(conf, cfg.num_layers, cfg.layer_order)
+                            stack.close()  # recording off
+                            rec = None
+                        if step == 0:  # from now on the layers below the lowest adapted one replay step 0
+                            start = self._lowest_live() or 0
+                            st.saved = st.outputs.get(start - 1) if start > 0 else None
+                            st.start = start if st.saved is not None else None
+                            st.outputs.clear()
+                            st.record = False
+                        opt.zero_grad(set_to_none=True)
+                        row_loss.sum().backward()
+                        with torch.no_grad():
+                            delta.grad.mul_(self.layer_mask.to(device).unsqueeze(-1))
+                        opt.step()
+                        del out, logits, ce
+        finally:
+            for p in reversed(patches):
+                p.restore()
+            self._busy = False
+        self._finish(delta, losses, steps, t0)
 
     def _start(self, ids: torch.Tensor, mask: torch.Tensor | None) -> None:
         """A new request: zero deltas, choose layers, adapt on the prompt."""
@@ -244,7 +438,7 @@ class Reroute(Method):
         self.layer_mask = fixed if fixed is not None else torch.zeros(B, len(self.moe_layers))
         self._requests += 1
         self._sequences += B
-        if self.config.steps == 0 or T < 2:
+        if self.config.effective_steps == 0 or T < 2:
             return  # nothing to learn from: no offsets at all (identical to the base model)
         self._optimise(ids, mask, choose=fixed is None)
         for b in range(B):
@@ -279,7 +473,7 @@ class Reroute(Method):
         self._hmask = torch.cat([self._hmask, m], 1)
         self._since += T
         cfg = self.config
-        if cfg.interval and cfg.steps and self._since >= cfg.interval:
+        if cfg.effective_interval and cfg.effective_steps and self._since >= cfg.effective_interval:
             self._since = 0
             self._optimise(self._hist, self._hmask, choose=False)
             if cfg.kv_cache == "recompute":
@@ -352,5 +546,7 @@ class Reroute(Method):
             "layer_counts": dict(sorted(self._layer_counts.items())),
             "moe_layers": list(getattr(self, "moe_layers", [])),
             "kv_cache": self.config.kv_cache,
+            "schedule": self.config.schedule,
+            "window": self.config.window,
             "last": last,
         }

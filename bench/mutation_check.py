@@ -198,10 +198,22 @@ def main():
     }
     if args.mutmut_stats:
         st = json.loads(args.mutmut_stats.read_text())
-        killed, survived, timeout = int(st["killed"]), int(st["survived"]), int(st.get("timeout", 0))
-        res.update(tool=_mutmut_version(), killed=killed, survived=survived, timeout=timeout,
-                   score=killed / max(1, killed + survived), mutmut_stats=st,
-                   mutmut_run=f"from {args.mutmut_stats}")
+        killed, timeout = int(st["killed"]), int(st.get("timeout", 0))
+        # a mutant no selected test reaches is not killed: it counts as surviving (mutmut lists it apart)
+        survived = int(st["survived"]) + int(st.get("no_tests", 0))
+        done = killed + survived + timeout + sum(int(st.get(k, 0)) for k in ("suspicious", "segfault", "skipped"))
+        score = killed / max(1, killed + survived)
+        finished = done >= int(st.get("total", done))
+        res.update(tool=_mutmut_version(), killed=killed if finished else None,
+                   survived=survived if finished else None, timeout=timeout if finished else None,
+                   score=score if finished else None, mutmut_stats=st,
+                   mutmut_run=f"from {args.mutmut_stats}" if finished else
+                   f"partial: {done} of {st.get('total')} mutants run (from {args.mutmut_stats}); the counts so far "
+                   f"are in mutmut_partial, the score stays null until the run ends")
+        if not finished:
+            res["mutmut_partial"] = {"mutants_run": done, "total": st.get("total"), "killed": killed,
+                                     "survived_incl_no_tests": survived, "no_tests": int(st.get("no_tests", 0)),
+                                     "timeout": timeout, "score_so_far": score}
     else:
         keys = ("tool", "killed", "survived", "timeout", "score", "mutmut_run", "mutmut_stats", "surviving_mutants")
         prev = {k: old[k] for k in keys if k in old}

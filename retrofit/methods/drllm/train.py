@@ -54,9 +54,9 @@ class TrainConfig:
     # (two seeds' labels agree per layer barely above chance on SmolLM2), a small value keeps the layers the
     # labels mostly skip and lets the routers decide per question only near the threshold. See docs/drllm.md.
     shrink: float = 1.0
-    # what the shrink pulls toward: "routers" (the routers' own mean logits) or "labels" (per layer the log of the
-    # search labels' action shares, Laplace-smoothed: at shrink 0 the routers then skip the layers the labels skip
-    # most, the labels' voted static plan, whatever the budget)
+    # what the shrink pulls toward: "routers" (the routers' own mean logits) or "labels" (per layer logits from the
+    # search labels' skip and repeat shares, `label_center`: at shrink 0 the routers then skip the layers the
+    # labels skip most, the labels' voted static plan, whatever the budget)
     center: str = "routers"
     # when set, the artifact's default skip_bias is chosen so that the routers execute this share of the block
     # passes on the training prompts (features under the all-execute plan; exact for shrink 0, an estimate

@@ -198,3 +198,17 @@ def test_cli_refuses_bad_distill_settings():
     assert r.exit_code != 0 and "lr must be > 0" in r.output
     r = CliRunner().invoke(app, ["moefy", "--distill-sources", "arc_easy_test"])
     assert r.exit_code != 0 and "unknown distillation source" in r.output
+
+
+def test_opt_in_arc_train_qa_source_reads_train_questions_only():
+    _data_or_skip()
+    from retrofit.core.data import load_task
+
+    assert "arc_easy_train_qa" not in DistillConfig().sources  # opt-in: the default build is unchanged
+    texts = D.distill_texts("arc_easy_train_qa")
+    train = load_task("arc_easy", "train")
+    assert len(texts) == len(train) and texts[0] == f"{train[0].prompt} {train[0].choices[train[0].gold]}"
+    assert all(t.startswith("Question: ") and "\nAnswer: " in t for t in texts)
+    seen = {t.split("\nAnswer:")[0] for t in texts}
+    for split in ("test", "validation"):
+        assert not seen & {e.prompt for e in load_task("arc_easy", split)}, split

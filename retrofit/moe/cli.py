@@ -31,7 +31,9 @@ def register(app: typer.Typer) -> None:
         distill_seq_len: int = typer.Option(256, help="tokens per distillation sequence"),
         distill_lr: float = typer.Option(2e-4, help="AdamW learning rate (linear warm-up, then constant)"),
         distill_sources: str = typer.Option("gsm8k_train,boolq_passages,flores_eng_train,shakespeare_head",
-                                            help="comma-separated distillation texts (none is scored by a bench)"),
+                                            help="comma-separated distillation texts (none is scored by a bench); "
+                                                 "add arc_easy_train_qa for ARC-Easy train questions with their "
+                                                 "answers in the evaluation's format"),
         checkpoint_every: int = typer.Option(10, help="save a resumable distillation checkpoint every N steps"),
     ):
         """Convert the default dense model into an MoE (Qwen2-MoE: a shared expert of the most important neurons +

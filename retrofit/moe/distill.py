@@ -22,14 +22,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 __all__ = ["DistillConfig", "distill_texts", "distill_sequences", "distill_moe", "trainable_names",
-           "kl_to_teacher", "SOURCES", "HELDOUT_FILES"]
+           "kl_to_teacher", "SOURCES", "DEFAULT_SOURCES", "HELDOUT_FILES"]
 
 # Shakespeare characters the distillation may read (the same head the gate fit reads; the tail starts at 1e6).
 SHAKESPEARE_HEAD = (0, 500_000)
@@ -40,11 +40,18 @@ SOURCES = {
     "boolq_passages": "mc_extra/boolq.jsonl",
     "flores_eng_train": "flores_sib200/eng_Latn/train.tsv",
     "shakespeare_head": "tinyshakespeare/input.txt",
+    # opt-in: ARC-Easy *train* questions in the evaluation's prompt format with their gold answer
+    # ("Question: ...\nAnswer: ..."), the one multiple-choice QA format in the mix; the gate fit already reads
+    # these questions, no benchmark scores them, and the target is still the dense model's distribution
+    "arc_easy_train_qa": "arc_easy/train.jsonl",
 }
+
+#: the sources a default build reads (``arc_easy_train_qa`` is opt-in: ``--distill-sources``)
+DEFAULT_SOURCES = ("gsm8k_train", "boolq_passages", "flores_eng_train", "shakespeare_head")
 
 #: data files that benchmarks here score (or that RoMA / steer evaluate on): never distillation text
 HELDOUT_FILES = (
-    "arc_easy/test.jsonl", "arc_easy/validation.jsonl", "arc_easy/train.jsonl", "arc_challenge",
+    "arc_easy/test.jsonl", "arc_easy/validation.jsonl", "arc_challenge",
     "gsm8k/test.jsonl", "mgsm", "xcopa", "piqa", "hellaswag", "mc_extra/openbook_qa.jsonl",
     "mc_extra/winogrande.jsonl", "mc_extra/copa.jsonl", "mmlu", "flores_sib200/eng_Latn/test.tsv",
     "flores_sib200/eng_Latn/dev.tsv", "kv_retrieval",
@@ -64,7 +71,7 @@ class DistillConfig:
     grad_clip: float = 1.0
     temperature: float = 1.0  # KL between softmax(logits / T) of teacher and student (× T²)
     train_gates: bool = True  # router gates too (experts, shared expert and shared gate always)
-    sources: tuple[str, ...] = field(default_factory=lambda: tuple(SOURCES))
+    sources: tuple[str, ...] = DEFAULT_SOURCES
     pool: int = 2048  # distillation sequences built (cycled by epochs; fixed so that more steps continue)
     val_seqs: int = 8  # distillation-text sequences held out of training: KL before / after
     checkpoint_every: int = 10
@@ -145,6 +152,10 @@ def distill_texts(source: str, data: str | Path | None = None) -> list[str]:
         return [line.split("\t")[col] for line in lines[1:] if line.strip()]
     if source == "shakespeare_head":
         return [p.read_text(encoding="utf-8")[slice(*SHAKESPEARE_HEAD)]]
+    if source == "arc_easy_train_qa":
+        from retrofit.core.data import load_task
+
+        return [f"{e.prompt} {e.choices[e.gold]}" for e in load_task("arc_easy", "train", data=p.parent.parent)]
     raise ValueError(f"unknown distillation source {source!r}")
 
 

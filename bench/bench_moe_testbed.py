@@ -112,6 +112,9 @@ def main():
                     help="comma-separated subset of dense, gates_only, moe, random_routing")
     ap.add_argument("--merge", default=None, help="a results JSON of an earlier part whose numbers to keep")
     ap.add_argument("--build", action="store_true", help="build missing testbeds (hours on a CPU)")
+    ap.add_argument("--testbed", default=None,
+                    help="the distilled testbed folder to measure as 'moe' (default: retrofit moefy's default build), "
+                         "e.g. one built with other --distill-sources")
     args = ap.parse_args()
     t0 = time.time()
     names = [n.strip() for n in args.only.split(",") if n.strip()]
@@ -122,7 +125,8 @@ def main():
     dense, tok = load_model("default")
     mcfg = MoefyConfig(experts=args.experts, top_k=args.top_k, shared=args.shared, arch=args.arch)
     paths = {"gates_only": testbed_dir(args.experts, args.top_k, args.shared, args.arch, distilled=False),
-             "moe": testbed_dir(args.experts, args.top_k, args.shared, args.arch, distilled=True)}
+             "moe": Path(args.testbed).expanduser() if args.testbed else
+             testbed_dir(args.experts, args.top_k, args.shared, args.arch, distilled=True)}
     models = {}
     for key, distilled in (("gates_only", False), ("moe", True)):
         if key == "moe" and not {"moe", "random_routing"} & set(names) or key == "gates_only" and key not in names:

@@ -25,13 +25,13 @@ class CharTok:
 TOK = CharTok()
 
 
-def _examples(n=12, seed=0):
+def _examples(n=12, seed=0, prefix="t"):
     g = torch.Generator().manual_seed(seed)
     words = ["red", "blue", "cold", "warm", "sun", "moon", "rock", "tree"]
     out = []
     for i in range(n):
         w = [words[int(j)] for j in torch.randint(0, len(words), (3,), generator=g)]
-        out.append(Example(id=f"t{i}", prompt=f"Question: {w[0]} {w[1]}?\nAnswer:",
+        out.append(Example(id=f"{prefix}{i}", prompt=f"Question: {w[0]} {w[1]}?\nAnswer:",
                            choices=[w[2], w[0] + " " + w[1], "none"], gold=int(i % 3)))
     return out
 

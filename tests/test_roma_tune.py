@@ -10,27 +10,15 @@ import torch
 
 pytest.importorskip("optuna")
 
-from retrofit.core.data import Example  # noqa: E402
 from retrofit.methods.roma import train as roma_train  # noqa: E402
 from retrofit.methods.roma import tune  # noqa: E402
 from retrofit.testing import tiny_model  # noqa: E402
 
-from test_roma import TOK  # noqa: E402  the same character tokenizer as the other RoMA tests
+from test_roma import TOK, _examples  # noqa: E402  the same character tokenizer as the other RoMA tests
 
 
-def _items(prefix, n, seed):
-    g = torch.Generator().manual_seed(seed)
-    words = ["red", "blue", "cold", "warm", "sun", "moon", "rock", "tree"]
-    out = []
-    for i in range(n):
-        w = [words[int(j)] for j in torch.randint(0, len(words), (3,), generator=g)]
-        out.append(Example(id=f"{prefix}{i}", prompt=f"Question: {w[0]} {w[1]}?\nAnswer:",
-                           choices=[w[2], w[0] + " " + w[1], "none"], gold=int(i % 3)))
-    return out
-
-
-TRAIN = _items("train-", 15, 0)
-TEST = _items("test-", 8, 1)  # a held-out split: the study is never given it
+TRAIN = _examples(15, 0, prefix="train-")
+TEST = _examples(8, 1, prefix="test-")  # a held-out split: the study is never given it
 EMB = torch.randn(len(TRAIN), 16, generator=torch.Generator().manual_seed(2))
 
 

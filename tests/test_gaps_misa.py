@@ -102,3 +102,199 @@ def test_misa_topk_moment_router_scores_heads_plus_linear_term():
                                         lin=lin[None])[0]
         torch.testing.assert_close(torch.gather(ref, 1, idx).sort(-1).values,
                                    ref.topk(20, -1).values.sort(-1).values)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# exact references for the pieces the model-level tests reach only loosely (found by the mutation run)
+# ----------------------------------------------------------------------------------------------------------
+def _data(S=40, T=None, H=8, D=6, seed=3, pads=0):
+    g = torch.Generator().manual_seed(seed)
+    T = T or S + 3
+    q = torch.randn(S, H, D, generator=g)
+    k = torch.randn(T, D, generator=g) + 0.3  # a nonzero key mean, so mu and the linear remainder matter
+    w = torch.randn(S, H, generator=g) * torch.linspace(0.2, 2.0, H)
+    key_valid = torch.ones(T, dtype=torch.bool)
+    key_valid[:pads] = False  # left padding
+    key_valid[T // 2] = False  # and one masked key inside the sequence
+    return q, w, k, torch.arange(T - S, T), key_valid
+
+
+def _naive_moments(k, key_valid, B, ends):
+    """float64 mean / population covariance of the valid keys before each query's last block boundary (its
+    whole prefix before the first boundary), written from key_moments' docstring."""
+    T, D = k.shape
+    kd = k.double()
+    v = torch.ones(T, dtype=torch.bool) if key_valid is None else key_valid
+    means, covs = [], []
+    for e in ends.tolist():
+        e = min(max(e, 0), T)
+        stop = (e // B) * B or e
+        sel = kd[:stop][v[:stop]]
+        if len(sel) == 0:
+            means.append(torch.zeros(D, dtype=torch.double))
+            covs.append(torch.zeros(D, D, dtype=torch.double))
+            continue
+        m = sel.mean(0)
+        means.append(m)
+        covs.append((sel - m).t() @ (sel - m) / len(sel))
+    return torch.stack(means), torch.stack(covs)
+
+
+@pytest.mark.parametrize("pads", [0, 2])
+def test_key_moments_equal_the_prefix_moments_by_hand(pads):
+    q, w, k, qpos, key_valid = _data(S=30, T=37, pads=pads)
+    B = 8
+    # before, at and after block boundaries, an empty prefix, and past the end (clamped to T)
+    ends = torch.tensor([0, 1, 2, 3, 7, 8, 9, 15, 16, 17, 23, 24, 36, 37, 50])
+    for kv in (key_valid, None):
+        want_m, want_c = _naive_moments(k, kv, B, ends)
+        for bnd in (None, K._boundary_moments(k, kv, B)):
+            m, c = K.key_moments(k, kv, B, ends, _boundary=bnd)
+            torch.testing.assert_close(m.double(), want_m, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(c.double(), want_c, rtol=1e-4, atol=1e-4)
+
+
+def _naive_moment_route(q, w, k, qpos, B, scale, h, key_valid=None, thr=0.7):
+    """The moment router in float64, one formula per line of the module docstring."""
+    mean, cov = _naive_moments(k, key_valid, B, qpos + 1)
+    qd, wd = q.double(), w.double()
+    mu = scale * torch.einsum("shd,sd->sh", qd, mean)
+    var = (scale * scale * torch.einsum("shd,sde,she->sh", qd, cov, qd)).clamp_min(0)
+    sig = var.sqrt()
+    z = mu / sig
+    cdf = torch.special.ndtr(z)
+    pdf = torch.exp(-z * z / 2) / (2 * torch.pi) ** 0.5
+    m1 = mu * cdf + sig * pdf
+    m2 = (mu * mu + var) * cdf + mu * sig * pdf
+    score = wd.abs() * (m2 - m1 * m1 - cdf * cdf * var).clamp_min(0).sqrt()
+    heads = score.topk(h, -1).indices.sort(-1).values
+    coef = (wd * cdf * (cdf > thr)).scatter(1, heads, 0.0)
+    return heads, scale * torch.einsum("sh,shd->sd", coef, qd), score
+
+
+@pytest.mark.parametrize("pads", [0, 2])
+def test_moment_route_equals_the_gaussian_formulas_by_hand(pads):
+    q, w, k, qpos, key_valid = _data(S=40, T=45, pads=pads)
+    B, scale, h = 8, 0.35, 3
+    want_heads, want_lin, score = _naive_moment_route(q, w, k, qpos, B, scale, h, key_valid)
+    gap = score.sort(-1, descending=True).values
+    assert float((gap[:, h - 1] - gap[:, h]).min()) > 1e-5  # no near ties: float32 must pick the same heads
+    for chunk in (256, 7):
+        heads, lin = K.moment_route(q, w, k, qpos, B, scale, h, key_valid=key_valid, chunk=chunk)
+        assert torch.equal(heads, want_heads)
+        torch.testing.assert_close(lin.double(), want_lin, rtol=1e-4, atol=1e-5)
+    assert float(want_lin.abs().max()) > 0.1  # the remainder term is really exercised
+    # the padded keys matter: routing without key_valid differs
+    if pads:
+        assert not torch.equal(K.moment_route(q, w, k, qpos, B, scale, h)[0], want_heads)
+    heads, lin = K.moment_route(q, w, k, qpos, B, scale, h, key_valid=key_valid, linear_threshold=None)
+    assert torch.equal(heads, want_heads) and lin is None
+    H = q.shape[1]
+    heads, lin = K.moment_route(q, w, k, qpos, B, scale, H)
+    assert torch.equal(heads, torch.arange(H).expand(len(qpos), H)) and lin is None
+    # misa_topk passes key_valid to the router
+    _, head_idx = K.misa_topk(q, w, k, qpos, 5, scale, active_heads=h, block_size=B, key_valid=key_valid,
+                              kernel="torch")
+    assert torch.equal(head_idx, want_heads)
+
+
+def _auto_by_hand(n, topk):
+    kc = max(2 * topk, -(-n // 8))
+    return min(n, -(-kc // 256) * 256)
+
+
+def _indexer_flops_by_hand(qpos, H, D, h=None, B=1024, hier=False, cand=8192, router="blockmean", topk=2048,
+                           linear=True):
+    """Count the scoring work query by query, as indexer_flops' docstring defines it."""
+    per = 2 * D + 4
+    ns = [max(p + 1, 0) for p in qpos.tolist()]
+    if h is None or h >= H:
+        return float(sum(n * H * per for n in ns))
+    total = 0
+    for n in ns:
+        if router == "moments":  # mu, q^T C q, Gaussian stats, remainder vector; routed heads; remainder score
+            total += H * (2 * D + (2 * D * D + 2 * D) + 20 + (2 * D if linear else 0))
+            total += n * h * per + (n * (2 * D + 1) if linear else 0)
+        else:  # head score on the visible blocks (+1 for |.|), routed heads
+            total += -(-n // B) * H * (per + 1) + n * h * per
+        if hier:
+            total += min(n, _auto_by_hand(n, topk) if cand == "auto" else cand) * H * per
+    T = max(ns, default=0)
+    total += T * (2 * D * D + D) if router == "moments" else T * D  # per sequence: key moments / key pooling
+    return float(total)
+
+
+def test_indexer_flops_equal_the_count_by_hand():
+    qpos = torch.tensor([-1, 0, 3, 10, 40, 99])  # -1: a query that sees no key
+    H, D, h, B = 6, 8, 2, 4
+    for kw in ({}, {"h": H}, {"h": h, "router": "blockmean"}, {"h": h, "router": "moments"},
+               {"h": h, "router": "moments", "linear": False}, {"h": h, "hier": True, "cand": 16},
+               {"h": h, "router": "moments", "hier": True, "cand": "auto", "topk": 5},
+               {"h": h, "hier": True, "cand": "auto", "topk": 100}):
+        want = _indexer_flops_by_hand(qpos, H, D, B=B, **kw)
+        got = K.indexer_flops(qpos, H, D, active_heads=kw.get("h"), block_size=B,
+                              hierarchical=kw.get("hier", False), candidates=kw.get("cand", 8192),
+                              router=kw.get("router", "blockmean"), topk=kw.get("topk", 2048),
+                              linear=kw.get("linear", True))
+        assert got == want, kw
+    for router in ("moments", "blockmean"):  # no queries: no work, not one sequence's key pass
+        assert K.indexer_flops(torch.tensor([], dtype=torch.long), H, D, active_heads=h, router=router) == 0.0
+    # the defaults (k' = 8192 candidates, top-k 2048 for "auto") as documented, at a context longer than both
+    long = torch.tensor([9000])
+    assert K.indexer_flops(long, 16, 16, active_heads=2, hierarchical=True) == \
+        _indexer_flops_by_hand(long, 16, 16, h=2, hier=True, cand=8192)
+    assert K.indexer_flops(long, 16, 16, active_heads=2, hierarchical=True, candidates="auto") == \
+        _indexer_flops_by_hand(long, 16, 16, h=2, hier=True, cand="auto", topk=2048)
+    with pytest.raises(ValueError, match="unknown MISA router 'nope'"):
+        K.indexer_flops(qpos, H, D, active_heads=h, router="nope")
+
+
+def _ref_pick_scores(q, w, k, qpos, head_idx, scale, lin=None, valid=None):
+    S, H, _ = q.shape
+    hi = torch.arange(H).expand(S, H) if head_idx is None else head_idx
+    mask = torch.arange(k.shape[0])[None, :] <= qpos[:, None]
+    if valid is not None:
+        mask = mask & valid
+    return K.routed_scores_reference(q[None], w[None], k[None], hi[None], scale, mask[None],
+                                     lin=None if lin is None else lin[None])[0]
+
+
+def test_gpu_dispatch_post_processing_matches_the_torch_path(monkeypatch):
+    """routed_topk's CUDA branch (remainder term, tie breaking, padding mask, MISA-dagger re-score) runs on CPU
+    with the Triton scorer replaced by the reference scorer of the same contract ([S, T], -inf after qpos)."""
+    q, w, k, qpos, key_valid = _data(S=48, T=48, H=8, D=8, pads=0)
+    scale, topk = 8 ** -0.5, 6
+    head_idx, lin = K.moment_route(q, w, k, qpos, 8, scale, 3)
+    lin = lin * 3  # large enough to change the picks
+    valid = torch.ones(48, 48, dtype=torch.bool)
+    valid[:, 10:14] = False
+
+    def fake_triton(q_, w_, k_, hi, qp, sc, ieee=True):
+        return _ref_pick_scores(q_, w_, k_, qp, hi, sc)
+
+    cases = [dict(head_idx=None), dict(head_idx=head_idx), dict(head_idx=head_idx, lin=lin),
+             dict(head_idx=head_idx, valid=valid), dict(head_idx=head_idx, candidates=12),
+             dict(head_idx=head_idx, lin=lin, candidates=12)]
+    want = [K.routed_topk(q, w, k, c["head_idx"], qpos, topk, scale, valid=c.get("valid"),
+                          candidates=c.get("candidates"), lin=c.get("lin"), kernel="torch") for c in cases]
+    monkeypatch.setattr(K, "_use_triton", lambda t, kernel: True)
+    monkeypatch.setattr(K, "routed_scores_triton", fake_triton)
+    seen = qpos >= topk + 4  # queries with enough visible keys (no filler picks)
+    for c, wnt in zip(cases, want):
+        got = K.routed_topk(q, w, k, c["head_idx"], qpos, topk, scale, valid=c.get("valid"),
+                            candidates=c.get("candidates"), lin=c.get("lin"))
+        assert got.shape == (48, topk)
+        if c.get("candidates"):  # the re-score is the dense one among the candidates: compare dense scores
+            ref = _ref_pick_scores(q, w, k, qpos, None, scale, valid=c.get("valid"))
+        else:
+            ref = _ref_pick_scores(q, w, k, qpos, c["head_idx"], scale, lin=c.get("lin"), valid=c.get("valid"))
+        torch.testing.assert_close(torch.gather(ref, 1, got)[seen].sort(-1).values,
+                                   torch.gather(ref, 1, wnt)[seen].sort(-1).values)
+        if c.get("valid") is not None:
+            assert not bool(((got >= 10) & (got < 14))[seen].any())
+    # the cases really differ from each other (remainder, mask and re-score each change picks)
+    assert len({tuple(x[seen].sort(-1).values.flatten().tolist()) for x in want}) == len(cases)
+    with monkeypatch.context() as m:  # ties among exact zeros are broken by position on this branch too
+        m.setattr(K, "routed_scores_triton", lambda *a, **kw: torch.zeros(48, 48))
+        assert torch.equal(K.routed_topk(q, w, k, head_idx, qpos, 4, scale).sort(-1).values,
+                           torch.arange(44, 48).expand(48, 4))

@@ -82,3 +82,39 @@ def test_window_means_spread_remainder_and_ignore_padding():
     means, valid = window_means(h[:, :2], None, 4)
     assert valid.tolist() == [[True, False, True, False]]
     torch.testing.assert_close(means[0, valid[0], 0], torch.tensor([0.0, 1.0]))
+
+
+def test_fingerprint_of_checkpoint_names_sorts_layers_and_names_what_is_missing():
+    from retrofit.artifacts import fingerprint_of, tensor_digest
+
+    model = tiny_model("llama")
+    L, arch = model.config.num_hidden_layers, type(model).__name__
+    sd = {n: tensor_digest(t) for n, t in model.state_dict().items()}
+    # buffers a checkpoint may carry are left out wherever they come, also before the weights
+    noise = {"model.rotary_emb.inv_freq": "x", "model.layers.1.self_attn.rotary_emb.inv_freq": "y"}
+    assert fingerprint_of(arch, model.config, L, {**noise, **sd}) == fingerprint(model)
+    # a tensor of a layer past the decoder's (e.g. a multi-token-prediction layer) is not a decoder layer
+    extra = fingerprint_of(arch, model.config, L, {**sd, f"model.layers.{L}.mlp.weight": "z"})
+    assert extra["layers_sha256"] == fingerprint(model)["layers_sha256"]
+    assert extra["other_sha256"] != fingerprint(model)["other_sha256"]
+    no_layer1 = {n: d for n, d in sd.items() if ".layers.1." not in n}
+    with pytest.raises(ArtifactError, match=r"^the loaded weights lack decoder layers \[1\]$"):
+        fingerprint_of(arch, model.config, L, no_layer1)
+    only_layers = {n: d for n, d in sd.items() if ".layers." in n}
+    with pytest.raises(ArtifactError, match=r"^the loaded weights lack the embedding / LM head$"):
+        fingerprint_of(arch, model.config, L, only_layers)
+
+
+@pytest.mark.parametrize("value, named", [(None, "null"), ([], "a list"), ("x", "a string"), (True, "a boolean"),
+                                          (3, "an integer"), (1.5, "a number"), ({}, "an object")])
+def test_schema_errors_name_the_json_type_found(value, named):
+    from retrofit.artifacts import validate_meta
+
+    with pytest.raises(ArtifactError) as e:  # the method's name must be a string
+        validate_meta({"format_version": 1, "method": value, "config": {}, "base_model": {}}, "x/retrofit.json")
+    if named != "a string":
+        assert str(e.value).startswith(f"x/retrofit.json: method must be a method name such as 'drllm', not {named} ")
+    if named != "an object":  # and the config an object
+        with pytest.raises(ArtifactError) as e:
+            validate_meta({"format_version": 1, "method": "drllm", "config": value, "base_model": {}}, "x/retrofit.json")
+        assert str(e.value).startswith(f"x/retrofit.json: config must be an object of method options, not {named};")

@@ -138,3 +138,32 @@ def test_patch_forward_restores_exactly_and_snapshot_rolls_back():
     before.restore()
     assert before.changes() == [] and "forward" not in m.__dict__ and not hasattr(m, "extra_attr")
     assert all(p.requires_grad for p in m.parameters()) and not m._forward_pre_hooks
+
+
+def test_snapshot_names_each_kind_of_change_and_restores_each_exactly():
+    """Every kind of change attach() could make is named with its module, and restore() undoes exactly it."""
+    m = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.ReLU())
+    m[0].register_forward_hook(lambda *a: None)  # a hook that was there before stays
+    lin, w, keep = m[0], m[0].weight, dict(m[0].__dict__)
+    snap = H.ModelSnapshot(m)
+    assert snap.changes() == []
+    other = torch.nn.Linear(2, 2)
+    edits = {
+        "grad": (lambda: w.requires_grad_(False), ["requires_grad"]),
+        "added": (lambda: setattr(lin, "extra", 1), ["0: added ['extra'], changed [], hooks []"]),
+        "changed": (lambda: setattr(lin, "in_features", 3), ["0: added [], changed ['in_features'], hooks []"]),
+        "root": (lambda: setattr(m, "note", "x"), ["<model>: added ['note'], changed [], hooks []"]),
+        "hook": (lambda: lin.register_forward_pre_hook(lambda *a: None),
+                 ["0: added [], changed [], hooks ['_forward_pre_hooks']"]),
+        "param": (lambda: setattr(lin, "weight", torch.nn.Parameter(torch.zeros(2, 2))), ["0: parameters changed"]),
+        "buffer": (lambda: lin.register_buffer("scale", torch.ones(1)), ["0: buffers changed"]),
+        "child": (lambda: m.__setitem__(1, other), ["<model>: modules changed"]),
+    }
+    for name, (edit, want) in edits.items():
+        edit()
+        assert snap.changes() == want, name
+        snap.restore()
+        assert snap.changes() == [], name
+        assert m[0] is lin and m[0].weight is w and w.requires_grad and m[1] is not other, name
+        assert lin.__dict__.keys() == keep.keys() and all(lin.__dict__[k] is v for k, v in keep.items()), name
+        assert len(lin._forward_hooks) == 1 and not lin._forward_pre_hooks and "scale" not in lin._buffers, name

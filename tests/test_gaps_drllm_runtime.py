@@ -8,6 +8,7 @@
   else (no plain ``model()`` call) happens in between.
 """
 
+import pytest
 import torch
 
 import retrofit
@@ -162,3 +163,44 @@ def test_each_generate_call_is_a_new_request():
         model.generate(other, max_new_tokens=3, do_sample=False)
     assert want != first  # the two prompts get different plans from these routers
     assert h.last_plans == want
+
+
+def test_sub_batch_pass_rows_by_hand():
+    from retrofit.methods.drllm.runtime import _Pass
+
+    real = torch.tensor([False, True, False, True, True, False])
+    p = _Pass(real, (1, 3, 4), 6, 2)  # 3 rows run: padded to 4 with the first row that does not
+    assert p.key == (1, 3, 4) and not p.full
+    assert p.rows.tolist() == [0, 1, 3, 4] and p.kept.tolist() == [1, 3, 4]
+    assert p.kept_mask.tolist() == [False, True, True, True] and p.sel.tolist() == [1, 2, 3]
+    assert p.keep.shape == (6, 1, 1) and p.keep.flatten().tolist() == real.tolist()
+    p = _Pass(real, (1, 3, 4), 6, 1)  # exactly the rows
+    assert p.rows.tolist() == [1, 3, 4] and p.sel is None and not p.full
+    p = _Pass(torch.tensor([True, True, True, False]), (0, 1, 2), 4, 2)  # padding reaches the whole batch
+    assert p.full and p.rows.tolist() == [0, 1, 2, 3] and p.sel.tolist() == [0, 1, 2]
+    p = _Pass(torch.tensor([True, False, True, True, True]), (0, 2, 3, 4), 5, 2)
+    assert not p.full and p.rows.tolist() == [0, 2, 3, 4] and p.sel is None
+
+
+def test_config_changes_while_attached_are_checked_against_the_model():
+    model = tiny_model("llama")
+    L = model.config.num_hidden_layers
+    h = retrofit.attach(model, "drllm", plan=["execute"] * L)
+    with pytest.raises(ValueError, match=f"the plan has {L + 1} entries but the model has {L} decoder layers"):
+        h.config.plan = ["execute"] * (L + 1)
+    with pytest.raises(ValueError, match="plan entry 0 is 'repeat' but allow_repeat=False"):
+        h.config.allow_repeat = False
+        h.config.plan = ["repeat"] + ["execute"] * (L - 1)
+    assert list(h.config.plan) == ["execute"] * L  # a refused change leaves the config as it was
+    h.detach()
+    h = retrofit.attach(model, "drllm", bottleneck=16)
+    h.init_routers(seed=0)
+    with pytest.raises(ValueError) as e:
+        h.config.bottleneck = 8
+    assert str(e.value) == "bottleneck is 16, fixed by the attached routers; attach routers of another width instead"
+    h.config.skip_bias = 0.25  # a change that fits is applied
+    assert h.config.skip_bias == 0.25 and h.config.bottleneck == 16
+    s = h.stats()  # nothing run yet: every layer counted, nothing else
+    assert s == {"num_layers": L, "sequences": 0, "mean_layers_executed": float(L), "layer_fraction": 1.0,
+                 "action_counts": [[0, 0, 0]] * L}
+    h.detach()

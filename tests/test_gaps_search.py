@@ -3,9 +3,12 @@
 The kill-and-resume test in test_search.py compares the finished file with an uninterrupted run; a search that
 ignored the file and searched everything again (deterministically) would pass that comparison. Here the resumed
 run must search only the examples that are missing and leave the lines already written byte for byte.
+Also (from the mutation run): MCTSConfig's range checks at their edges, and the path tree's edits by hand.
 """
 
 import json
+
+import pytest
 
 from retrofit.search.evaluator import PlanEvaluator
 from retrofit.search.mcts import MCTSConfig
@@ -49,3 +52,55 @@ def test_resume_searches_only_the_missing_examples(tmp_path):
     assert seen == [] and again == resumed
     ref = search_examples(m, tok, exs, tmp_path / "ref.jsonl", **kw)
     assert _strip_seconds(resumed) == _strip_seconds(ref)
+
+
+@pytest.mark.parametrize("kw", [dict(simulations=0), dict(batch=1), dict(c=0.0, lam=0.0), dict(widen=1e-9),
+                                dict(widen_alpha=0.0), dict(widen_alpha=1.0), dict(p_random=0.0),
+                                dict(p_random=1.0), dict(rollout_skip=1.0, rollout_repeat=0.0),
+                                dict(rollout_skip=0.0, rollout_repeat=1.0), dict(rollout_skip=0.5, rollout_repeat=0.5)])
+def test_mcts_config_accepts_the_edges_of_every_range(kw):
+    cfg = MCTSConfig(**kw)
+    assert all(getattr(cfg, k) == v for k, v in kw.items())
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(widen=0.0), "widen must be > 0 and widen_alpha in [0, 1]"),
+    (dict(widen_alpha=-0.01), "widen must be > 0 and widen_alpha in [0, 1]"),
+    (dict(widen_alpha=1.01), "widen must be > 0 and widen_alpha in [0, 1]"),
+    (dict(simulations=True), "simulations must be an integer, got True"),
+    (dict(simulations=2.0), "simulations must be an integer, got 2.0"),
+    (dict(simulations=-1), "simulations must be >= 0"),
+    (dict(batch=0), "batch must be >= 1"),
+    (dict(p_random=-0.01), "p_random must be in [0, 1]"),
+    (dict(p_random=1.01), "p_random must be in [0, 1]"),
+    (dict(rollout_skip=1.01, rollout_repeat=0.0), "rollout_skip must be in [0, 1]"),
+    (dict(rollout_repeat=-0.5), "rollout_repeat must be in [0, 1]"),
+    (dict(rollout_skip=0.6, rollout_repeat=0.41), "rollout_skip + rollout_repeat must be <= 1"),
+    (dict(c=-0.01), "c and lam must be >= 0"),
+    (dict(lam=-0.01), "c and lam must be >= 0"),
+])
+def test_mcts_config_names_each_violation(kw, msg):
+    with pytest.raises(ValueError) as e:
+        MCTSConfig(**kw)
+    assert str(e.value) == msg
+
+
+def test_path_edits_by_hand():
+    from retrofit.search.mcts import _moves, _path_apply, _path_moves
+
+    plan = ("execute", "repeat", "skip", "execute")  # 4 passes
+    assert sorted(_path_moves(plan, 4, True)) == [("skip", 0), ("skip", 1), ("skip", 3), ("skip2", 0)]
+    assert sorted(_path_moves(plan, 5, True)) == [("repeat", 0), ("repeat", 3), ("skip", 0), ("skip", 1),
+                                                  ("skip", 3), ("skip2", 0)]
+    assert sorted(_path_moves(plan, 5, False)) == [("skip", 0), ("skip", 1), ("skip", 3), ("skip2", 0)]
+    base = ("execute",) * 3
+    assert sorted(_path_moves(base, 3, True)) == [("skip", 0), ("skip", 1), ("skip", 2), ("skip2", 0), ("skip2", 1)]
+    assert _path_apply(plan, ("skip", 0)) == ("skip", "repeat", "skip", "execute")
+    assert _path_apply(plan, ("skip", 1)) == ("execute", "execute", "skip", "execute")  # one pass of two dropped
+    assert _path_apply(plan, ("skip2", 0)) == ("skip", "execute", "skip", "execute")
+    assert _path_apply(plan, ("repeat", 3)) == ("execute", "repeat", "skip", "repeat")
+    assert _path_apply(base, ("skip2", 1)) == ("execute", "skip", "skip")
+    # the layer-prefix tree: a double skip only where two layers are left
+    assert _moves(0, 3, True) == ["execute", "skip", "skip2", "repeat"]
+    assert _moves(1, 3, False) == ["execute", "skip", "skip2"]
+    assert _moves(2, 3, True) == ["execute", "skip", "repeat"]

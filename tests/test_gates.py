@@ -18,6 +18,10 @@ def test_zero_offset_bit_identical_and_removal(family):
     model = tiny_model(family)
     ids = _ids()
     gates = get_adapter(model).moe_gates(model)
+    g = torch.Generator().manual_seed(0)
+    for gate in gates.values():  # DeepSeek-style load-balancing biases are zero at init: make them matter
+        if getattr(gate, "e_score_correction_bias", None) is not None:
+            gate.e_score_correction_bias.copy_(torch.randn(gate.e_score_correction_bias.shape, generator=g))
     x = torch.randn(14, model.config.hidden_size)
     with torch.no_grad():
         ref = model(ids).logits

@@ -400,13 +400,7 @@ def routed_topk_torch(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, head_id
             rescored.masked_fill_(torch.isinf(cand.values), float("-inf"))
             sel = rescored.topk(kk, dim=-1, sorted=False).indices
             out[r0:r1] = torch.gather(cand.indices, 1, sel)
-        elif ncand is not None and head_idx is not None:
-            # every visible key is a candidate: the re-score with all heads is the dense score
-            sc = torch.matmul(qf[r0:r1].reshape(c * H, D), kc.t()).relu_()
-            scores2 = torch.bmm(wpos[r0:r1].unsqueeze(1), sc.view(c, H, Tc)).squeeze(1)
-            scores2.masked_fill_(torch.isinf(scores), float("-inf"))
-            out[r0:r1] = scores2.topk(kk, dim=-1, sorted=False).indices
-        else:
+        else:  # (k' covering every visible key took the dense branch at the top of the loop)
             out[r0:r1] = scores.topk(kk, dim=-1, sorted=False).indices
     return out
 

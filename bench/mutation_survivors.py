@@ -1,0 +1,122 @@
+"""Sort mutmut's surviving mutants (issue 15) into equivalent ones (behaviour unchanged), ones only a GPU run can
+kill, and real gaps, each with the reason.
+
+Run it in the folder where ``mutmut run`` ran (it reads ``mutants/`` and ``pyproject.toml`` there):
+
+    cd <checkout> && .venv/bin/python bench/mutation_survivors.py --out bench/results/mutation_survivors.json
+
+A mutant counts as *equivalent* only through one of the rules below, each a statement about the code that can
+be checked by reading the diff: a rule names the functions where it holds (for example "the tensor is 2-D
+there, so dim=+1 is dim=-1") and matches nothing else. Everything no rule explains is listed as a gap, with its
+diff, so the next test written can aim at it. ``mutation_check.py --survivors`` records the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections import Counter
+from pathlib import Path
+
+# where a tensor's rank makes dim=+1 the same as dim=-1 (all 2-D: [rows, keys] scores, [tokens, experts] gate
+# logits, [rows, 3] router logits, [queries, heads] moment-router scores)
+_TWO_D = ("routed_topk_torch", "routed_topk", "_fwd_softmax_renorm", "_fwd_sigmoid_grouped", "decide",
+          "moment_route", "route_heads")
+# where topk's result is used as a set of indices (scattered into a mask, gathered and re-ranked, compared as a
+# set by the attention that reads it), so its order does not matter
+_TOPK_AS_SET = ("routed_topk_torch", "routed_topk", "_fwd_sigmoid_grouped")
+# code that runs only on CUDA tensors with triton (the Triton kernel's wrapper and the dispatch to it)
+_GPU_ONLY = ("routed_scores_triton",)
+# functions whose loop chunk sizes only split the work (every chunk computes its rows from scratch)
+_CHUNKED = ("routed_topk_torch", "moment_route", "misa_topk", "dense_topk", "_chunk_rows")
+
+
+def _fn(name: str) -> str:
+    base = name.rsplit(".", 1)[-1]
+    base = re.sub(r"__mutmut_\d+$", "", base)
+    if "ǁ" in base:  # a method: xǁClassǁname
+        return base.split("ǁ")[-1]
+    return base[2:] if base.startswith("x_") else base
+
+
+def _changed(diff: str) -> tuple[str, str]:
+    minus = [ln[1:].strip() for ln in diff.splitlines() if ln.startswith("-") and not ln.startswith("---")]
+    plus = [ln[1:].strip() for ln in diff.splitlines() if ln.startswith("+") and not ln.startswith("+++")]
+    return " ".join(minus), " ".join(plus)
+
+
+def _without(s: str, pat: str) -> str:
+    return re.sub(pat, "", s).replace(" ", "").replace(",)", ")")
+
+
+def classify(name: str, status: str, diff: str) -> tuple[str, str]:
+    """(class, reason): class is 'equivalent', 'gpu_only' or 'gap'."""
+    fn = _fn(name)
+    a, b = _changed(diff)
+    if fn in _GPU_ONLY:
+        return "gpu_only", "runs only on CUDA tensors with triton; tests/test_misa.py::test_triton_kernel_matches_" \
+                           "reference checks it on a GPU machine"
+    if a.replace('"-inf"', '"-INF"').replace('"inf"', '"INF"') == b:
+        return "equivalent", "float() parses 'inf' in any letter case"
+    if re.sub(r"device=[^,()]+", "device=None", a) == b or _without(a, r",?\s*device=[^,()]+") == _without(b, r"^$"):
+        return "equivalent", "device argument: every tensor is on the CPU in these runs, so the default device is " \
+                             "the same (a GPU run would tell)"
+    if a.replace('.to("cpu")', ".to(None)") == b:
+        return "equivalent", ".to(None) keeps the device: the tensors are on the CPU already in these runs"
+    if fn in _TWO_D and (a.replace("dim=-1", "dim=+1") == b or a.replace("(-1", "(+1") == b
+                         or a.replace("(-1)", "(+1)") == b or a.replace("dim=-1,", "dim=+1,") == b):
+        return "equivalent", "the tensor is 2-D here, so dimension +1 is dimension -1"
+    if fn in _TWO_D and _without(a, r"dim=-1") == _without(b, r"^$"):
+        return "equivalent", "dim=-1 is the default here (topk) or the implicit dimension of a 2-D softmax"
+    if fn in _TOPK_AS_SET and ("sorted=" in a) and (a.replace("sorted=False", "sorted=True") == b
+                                                    or _without(a, r",?\s*sorted=False") == _without(b, r"^$")):
+        return "equivalent", "topk's order is not used: its indices are used as a set"
+    if fn in _CHUNKED and re.fullmatch(r".*chunk.*", a + b) and (
+            re.sub(r"chunk: int = 256", "chunk: int = 257", a) == b or "range(0, S, )" in b
+            or a.replace("chunk=chunk", "chunk=None") == b or _without(a, r",?\s*chunk=chunk") == _without(b, r"^$")):
+        return "equivalent", "the chunk size only splits the work; every chunk computes its rows from scratch"
+    if "json.dumps(" in a and re.sub(r"indent=\d+|sort_keys=\w+", "", a).replace(" ", "").replace(",)", ")") == \
+            re.sub(r"indent=\w+|sort_keys=\w+", "", b).replace(" ", "").replace(",)", ")"):
+        return "equivalent", "JSON layout only (indent / key order): the same JSON is read back"
+    return "gap", "not explained: a behaviour no test pins down yet"
+
+
+def survivors(root: Path) -> list[dict]:
+    from mutmut.mutation.data import SourceFileMutationData
+    from mutmut.mutation.diff_apply import get_diff_for_mutant
+    from mutmut.stats import status_by_exit_code
+
+    out = []
+    for meta in sorted((root / "mutants").rglob("*.py.meta")):
+        src = meta.relative_to(root / "mutants").with_suffix("")
+        m = SourceFileMutationData(path=src)
+        m.load()
+        for name, code in m.exit_code_by_key.items():
+            status = status_by_exit_code[code]
+            if status not in ("survived", "no tests"):
+                continue
+            diff = get_diff_for_mutant(name, path=src)
+            cls, why = classify(name, status, diff)
+            out.append({"mutant": name, "status": status, "class": cls, "reason": why,
+                        "diff": "\n".join(ln for ln in diff.splitlines() if ln[:1] in "+-" and ln[:3] not in
+                                          ("+++", "---"))})
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    rows = survivors(Path.cwd())
+    by = Counter(r["class"] for r in rows)
+    gaps = Counter(r["mutant"].rsplit(".", 1)[-1].rsplit("__mutmut_", 1)[0] for r in rows if r["class"] == "gap")
+    res = {"survivors": len(rows), "by_class": dict(by), "gaps_by_function": dict(gaps.most_common()),
+           "reasons": dict(Counter(r["reason"] for r in rows if r["class"] != "gap")), "mutants": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=1, ensure_ascii=False) + "\n")
+    print(json.dumps({k: v for k, v in res.items() if k != "mutants"}, indent=1, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()

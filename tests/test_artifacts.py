@@ -118,3 +118,44 @@ def test_schema_errors_name_the_json_type_found(value, named):
         with pytest.raises(ArtifactError) as e:
             validate_meta({"format_version": 1, "method": "drllm", "config": value, "base_model": {}}, "x/retrofit.json")
         assert str(e.value).startswith(f"x/retrofit.json: config must be an object of method options, not {named};")
+
+
+def _fp(layers, other="o", **kw):
+    from retrofit.artifacts import FINGERPRINT_VERSION
+
+    fp = {"fingerprint_version": FINGERPRINT_VERSION, "architecture": "LlamaForCausalLM", "model_type": "llama",
+          "num_layers": len(layers), "hidden_size": 8, "vocab_size": 10, "layers_sha256": list(layers),
+          "other_sha256": other, "weights_sha256": "".join(layers) + other}
+    fp.update(kw)
+    return fp
+
+
+@pytest.mark.parametrize("changed, other, said", [
+    ([3], False, "the weights differ in decoder layer 3)"),
+    ([1, 4], True, "the weights differ in decoder layers 1, 4 and the embedding / final norm / LM head)"),
+    (list(range(10)), False, "decoder layers 0, 1, 2, 3, 4, 5, 6, 7 and 2 more)"),
+    (list(range(9)), False, "decoder layers 0, 1, 2, 3, 4, 5, 6, 7 and 1 more)"),
+    (list(range(8)), False, "decoder layers 0, 1, 2, 3, 4, 5, 6, 7)"),
+    (list(range(11)), False, "the weights differ in every decoder layer)"),
+    ([], True, "the weights differ in the embedding / final norm / LM head)"),
+    (list(range(11)), True, "every decoder layer and the embedding / final norm / LM head (every tensor differs: "
+                            "another model, or these weights in another precision than float32 / bfloat16, e.g. "
+                            "float16 or quantised))"),
+])
+def test_fingerprint_mismatch_says_where_the_weights_differ(changed, other, said):
+    from retrofit.artifacts import compare_fingerprint
+
+    base = [f"l{i}" for i in range(11)]
+    model = _fp([f"x{i}" if i in changed else h for i, h in enumerate(base)], other="p" if other else "o")
+    with pytest.raises(ArtifactError) as e:
+        compare_fingerprint(_fp(base), model, "runs/r")
+    msg = str(e.value)
+    assert msg.startswith("router artifact runs/r was made for another base model (weights_sha256: ") and said in msg
+    assert msg.endswith(". Load it onto the model it was trained for, or re-run `retrofit train` for this one.")
+    compare_fingerprint(_fp(base), _fp(base), "runs/r")  # the same model passes
+    with pytest.raises(ArtifactError, match=r"^router artifact runs/r was saved by an older retrofit .*"
+                                            r"upgrade_artifact\('runs/r', model\)"):
+        compare_fingerprint({**_fp(base), "fingerprint_version": 1}, _fp(base), "runs/r")
+    with pytest.raises(ArtifactError, match=r"\(num_layers: artifact 11 vs model 3; hidden_size: artifact 8 vs "
+                                            r"model 16\)"):
+        compare_fingerprint(_fp(base), _fp(base[:3], hidden_size=16), "runs/r")

@@ -204,3 +204,34 @@ def test_config_changes_while_attached_are_checked_against_the_model():
     assert s == {"num_layers": L, "sequences": 0, "mean_layers_executed": float(L), "layer_fraction": 1.0,
                  "action_counts": [[0, 0, 0]] * L}
     h.detach()
+
+
+def test_router_decisions_are_the_same_with_autograd_on_and_never_build_a_graph():
+    model = tiny_model("qwen2")
+    ids = torch.randint(3, 128, (3, 9), generator=torch.Generator().manual_seed(4))
+    h = retrofit.attach(model, "drllm")
+    h.init_routers(seed=2)
+    h.config.skip_bias = 0.0  # these routers then skip, execute and repeat
+    with torch.no_grad():
+        ref = model(ids).logits
+    counts_ref = h.stats()["action_counts"]
+    out = model(ids).logits  # autograd on (as in a training loop around the frozen model)
+    assert torch.equal(out, ref) and not out.requires_grad
+    assert [[2 * x for x in row] for row in counts_ref] == h.stats()["action_counts"]
+    assert len({a for row in counts_ref for a, n in enumerate(row) if n}) == 3  # the plans really mix actions
+    h.detach()
+
+
+def test_non_finite_hidden_states_name_the_rows_and_the_layer():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.get_input_embeddings().weight[7] = float("nan")
+    ids = torch.full((3, 5), 4)
+    ids[1, 2] = 7  # only row 1 holds the poisoned token
+    h = retrofit.attach(model, "drllm")
+    h.init_routers(seed=0)
+    with pytest.raises(FloatingPointError) as e, torch.no_grad():
+        model(ids)
+    assert str(e.value).startswith("Dr.LLM: the hidden states entering decoder layer 0 hold NaN or inf (batch rows "
+                                   "[1]), so its router cannot decide; the base model overflowed")
+    h.detach()

@@ -104,3 +104,18 @@ def test_path_edits_by_hand():
     assert _moves(0, 3, True) == ["execute", "skip", "skip2", "repeat"]
     assert _moves(1, 3, False) == ["execute", "skip", "skip2"]
     assert _moves(2, 3, True) == ["execute", "skip", "repeat"]
+
+
+def test_move_prior_and_result_record_by_hand():
+    import json as _json
+
+    from retrofit.search.mcts import SearchResult, _posterior
+
+    assert _posterior(None) == 0.5  # a move never tried: no evidence either way
+    assert _posterior((3, 4)) == pytest.approx(4 / 6) and _posterior((0, 2)) == pytest.approx(1 / 4)
+    r = SearchResult(plan=("execute", "skip"), found=True, reward=1.0, compute=1, base_correct=True, simulations=3,
+                     configs=2, seconds=0.5, good_plans=[("execute", "skip")])
+    d = r.to_dict()
+    assert d["plan"] == ["execute", "skip"] and d["good_plans"] == [["execute", "skip"]]
+    assert _json.loads(_json.dumps(d)) == d and d["configs"] == 2
+    assert SearchResult(("execute",), False, 0.0, 1, False, 0, 1, 0.0).to_dict()["good_plans"] == []

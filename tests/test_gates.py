@@ -13,16 +13,22 @@ def _ids(B=2, T=7, seed=1):
     return torch.randint(3, 128, (B, T), generator=g)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_zero_offset_bit_identical_and_removal(family):
-    model = tiny_model(family)
+# every family as built, plus the branches their tiny configs leave off: renormalised top-k weights on a softmax
+# gate (Qwen2-MoE with norm_topk_prob), and a bfloat16 model (the softmax runs in float32, weights come back in bf16)
+_VARIANTS = [(f, {}) for f in FAMILIES] + [("qwen2_moe", {"norm_topk_prob": True}),
+                                           ("olmoe", {"dtype": torch.bfloat16}), ("mixtral", {"dtype": torch.bfloat16})]
+
+
+@pytest.mark.parametrize("family, kw", _VARIANTS, ids=[f + "".join(f"-{k}" for k in kw) for f, kw in _VARIANTS])
+def test_zero_offset_bit_identical_and_removal(family, kw):
+    model = tiny_model(family, **kw)
     ids = _ids()
     gates = get_adapter(model).moe_gates(model)
     g = torch.Generator().manual_seed(0)
     for gate in gates.values():  # DeepSeek-style load-balancing biases are zero at init: make them matter
         if getattr(gate, "e_score_correction_bias", None) is not None:
             gate.e_score_correction_bias.copy_(torch.randn(gate.e_score_correction_bias.shape, generator=g))
-    x = torch.randn(14, model.config.hidden_size)
+    x = torch.randn(14, model.config.hidden_size, dtype=model.dtype)
     with torch.no_grad():
         ref = model(ids).logits
         ref_gate = [g(x) for g in gates.values()]

@@ -159,3 +159,45 @@ def test_fingerprint_mismatch_says_where_the_weights_differ(changed, other, said
     with pytest.raises(ArtifactError, match=r"\(num_layers: artifact 11 vs model 3; hidden_size: artifact 8 vs "
                                             r"model 16\)"):
         compare_fingerprint(_fp(base), _fp(base[:3], hidden_size=16), "runs/r")
+
+
+def _good_meta():
+    fp = _fp([f"l{i}" for i in range(3)])
+    return {"format_version": 2, "method": "drllm", "config": {}, "extra": {}, "base_model": fp,
+            "tensors": {"routers.0.fc1.weight": {"shape": [4, 8], "dtype": "float32"}}}
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda m: m.pop("config"), "lacks the key 'config'"),
+    (lambda m: m.update(format_version=3), "has format_version 3, newer than this retrofit (2): upgrade retrofit."),
+    (lambda m: m.update(format_version=0), "format_version must be a positive integer, not 0"),
+    (lambda m: m.update(extra=[1]), "extra must be an object, not a list"),
+    (lambda m: m.update(base_model="abc"), "base_model must be the base model's fingerprint (an object), not a string"),
+    (lambda m: m["base_model"].update(num_layers="3"), "base_model.num_layers must be an integer, not a string"),
+    (lambda m: m["base_model"].update(num_layers=True), "base_model.num_layers must be an integer, not a boolean"),
+    (lambda m: m["base_model"].pop("vocab_size"), "base_model.vocab_size must be an integer, not null"),
+    (lambda m: m["base_model"].update(fingerprint_version=1), "base_model.fingerprint_version must be 2"),
+    (lambda m: m["base_model"].update(layers_sha256=["a", "b"]), "base_model.layers_sha256 must be a list of 3 strings"),
+    (lambda m: m["base_model"].update(layers_sha256="abc"), "base_model.layers_sha256 must be a list of 3 strings"),
+    (lambda m: m["base_model"].update(layers_sha256=["a", 2, "c"]),
+     "base_model.layers_sha256 must be a list of 3 strings"),
+    (lambda m: m["base_model"].update(other_sha256=None), "base_model.other_sha256 must be a string"),
+    (lambda m: m.update(tensors=[]), "tensors must be an object {name: {shape, dtype}}, not a list"),
+    (lambda m: m["tensors"].update(x={"shape": [2, -1], "dtype": "float32"}), "tensors['x'] must be"),
+    (lambda m: m["tensors"].update(x={"shape": [2, True], "dtype": "float32"}), "tensors['x'] must be"),
+    (lambda m: m["tensors"].update(x={"shape": "2", "dtype": "float32"}), "tensors['x'] must be"),
+    (lambda m: m["tensors"].update(x={"shape": [2], "dtype": 32}), "tensors['x'] must be"),
+    (lambda m: m["tensors"].update(x=[2]), "tensors['x'] must be"),
+])
+def test_schema_names_each_broken_key(edit, said):
+    from retrofit.artifacts import validate_meta
+
+    assert validate_meta(_good_meta(), "a/retrofit.json")["method"] == "drllm"
+    ok = _good_meta()
+    ok["tensors"]["empty"] = {"shape": [0], "dtype": "float32"}  # a zero-size tensor is a valid shape
+    validate_meta(ok, "a/retrofit.json")
+    meta = _good_meta()
+    edit(meta)
+    with pytest.raises(ArtifactError) as e:
+        validate_meta(meta, "a/retrofit.json")
+    assert str(e.value).startswith(f"a/retrofit.json{' ' if 'newer' in said else ': '}{said}"), str(e.value)

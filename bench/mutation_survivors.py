@@ -29,7 +29,7 @@ _TOPK_AS_SET = ("routed_topk_torch", "routed_topk", "_fwd_sigmoid_grouped")
 # code that runs only on CUDA tensors with triton (the Triton kernel's wrapper and the dispatch to it)
 _GPU_ONLY = ("routed_scores_triton",)
 # functions whose loop chunk sizes only split the work (every chunk computes its rows from scratch)
-_CHUNKED = ("routed_topk_torch", "moment_route", "misa_topk", "dense_topk", "_chunk_rows")
+_CHUNKED = ("routed_topk_torch", "moment_route", "misa_topk", "dense_topk")
 
 
 def _fn(name: str) -> str:
@@ -47,7 +47,61 @@ def _changed(diff: str) -> tuple[str, str]:
 
 
 def _without(s: str, pat: str) -> str:
-    return re.sub(pat, "", s).replace(" ", "").replace(",)", ")")
+    out = re.sub(pat, "", s).replace(" ", "")
+    while ",," in out or ",)" in out or "(," in out:
+        out = out.replace(",,", ",").replace(",)", ")").replace("(,", "(")
+    return out
+
+
+def _one(a: str, old: str, new: str) -> set[str]:
+    """``a`` with one occurrence of ``old`` replaced by ``new`` (each occurrence in turn)."""
+    return {a[:m.start()] + new + a[m.end():] for m in re.finditer(re.escape(old), a)}
+
+
+def _drop_one(a: str, pat: str) -> set[str]:
+    """``a`` without one match of ``pat`` (compared as by :func:`_without`)."""
+    return {_without(a[:m.start()] + a[m.end():], r"^$") for m in re.finditer(pat, a)}
+
+
+# single lines where a mutant is equivalent for a reason particular to that line: (function, text of the
+# original line, the mutated texts it may become (compared without spaces), reason)
+def _cmp(a, old, new):
+    return {_without(x, r"^$") for x in _one(a, old, new)}
+
+
+_LINE_RULES = [
+    ("moment_route", "bnd = _boundary_moments(k, key_valid, block_size)", lambda a: {"bnd=None"},
+     "performance only: key_moments computes the same boundary sums itself when none are passed"),
+    ("moment_route", "key_moments(k, key_valid, block_size, qpos[r0:r1] + 1, _boundary=bnd)",
+     lambda a: _cmp(a, "_boundary=bnd", "_boundary=None") | _drop_one(a, r",?\s*_boundary=bnd")
+     | _cmp(a, "key_moments(k, key_valid", "key_moments(k, None"),
+     "performance only: with the boundary sums passed (made with key_valid) key_moments needs neither them nor "
+     "its own key_valid"),
+    ("moment_route", "sig = var.sqrt().clamp_min(", None,
+     "the floor on sigma acts only where the keys' variance is zero; z then saturates and any floor far below "
+     "the nonzero sigmas routes the same"),
+    ("moment_route", "(cdf > linear_threshold)", lambda a: _cmp(a, "cdf > ", "cdf >= "),
+     "a continuous value compared with a threshold it never equals"),
+    ("_prefix_search", "if u < cfg.rollout_skip:", lambda a: _cmp(a, "u < ", "u <= "),
+     "a uniform random draw never equals the threshold"),
+    ("_prefix_search", "elif u < cfg.rollout_skip + cfg.rollout_repeat", lambda a: _cmp(a, "u < ", "u <= "),
+     "a uniform random draw never equals the threshold"),
+    ("routed_topk_torch", "if lo < Tc:", lambda a: _cmp(a, "<", "<="), "at lo == Tc the masked slice is empty"),
+    ("routed_topk_torch", "and ncand < Tc", lambda a: _cmp(a, "ncand < Tc", "ncand <= Tc"),
+     "at ncand == Tc the all-candidates branch above has already taken the chunk (continue)"),
+    ("routed_topk_torch", "exact = scores.clone() if (hier and lin is not None) else scores",
+     lambda a: _cmp(a, "(hier and lin is not None)", "(hier and lin is not None) or True")
+     | _cmp(a, "(hier and lin is not None)", "(hier or lin is not None)"),
+     "an extra copy where none is needed: the same values"),
+    ("_fwd_sigmoid_grouped", "group_mask.scatter_(1, group_idx, 1)", lambda a: _cmp(a, "idx, 1)", "idx, 2)"),
+     "the mask is read as .bool(): 2 is True"),
+    ("_fwd_sigmoid_grouped", "keepdim=True) + 1e-20", lambda a: _cmp(a, "+ 1e-20", "- 1e-20"),
+     "1e-20 is below the float32 resolution of a sum of top-k sigmoid scores (>= 1e-3 here)"),
+    ("misa_topk", "lin = None", lambda a: {'lin=""'},
+     "lin stays at this value only when every head is used, and then it is not read"),
+    ("_chunk_rows", "", None, "a chunk size: it only splits the work"),
+]
+_LOWER_LO = re.compile(r"lo = max\(qmin \+ 1, 0\)")
 
 
 def classify(name: str, status: str, diff: str) -> tuple[str, str]:
@@ -78,13 +132,28 @@ def classify(name: str, status: str, diff: str) -> tuple[str, str]:
         return "equivalent", ".float() of a float32 tensor is the tensor itself"
     if a.replace('.to("cpu")', ".to(None)") == b:
         return "equivalent", ".to(None) keeps the device: the tensors are on the CPU already in these runs"
-    if fn in _TWO_D and (a.replace("dim=-1", "dim=+1") == b or a.replace("(-1", "(+1") == b
-                         or a.replace("(-1)", "(+1)") == b or a.replace("dim=-1,", "dim=+1,") == b):
+    if fn in ("misa_topk", "dense_topk") and re.search(r"kernel|ieee", a) and (
+            b in _one(a, "kernel=kernel", "kernel=None") | _one(a, "ieee=ieee", "ieee=None")
+            | _one(a, 'kernel="auto"', 'kernel="XXautoXX"') | _one(a, 'kernel="auto"', 'kernel="AUTO"')
+            | _one(a, "ieee=True", "ieee=False") or _without(b, r"^$") in
+            _drop_one(a, r",?\s*kernel=kernel") | _drop_one(a, r",?\s*ieee=ieee")):
+        return "gpu_only", "kernel and ieee choose and tune the Triton path, which CPU tensors never take"
+    if fn == "_use_triton" and "t.is_cuda" in a:
+        return "gpu_only", "the dispatch differs only for CUDA tensors with triton"
+    for f, text, variants, why in _LINE_RULES:
+        if fn == f and text in a and (variants is None or _without(b, r"^$") in variants(a)):
+            return "equivalent", why
+    if fn == "routed_topk_torch" and _LOWER_LO.search(a) and (b in _one(a, "qmin + 1", "qmin - 1")):
+        return "equivalent", "lo only skips columns every query of the chunk sees; a smaller lo masks the same keys"
+    if fn in _TWO_D and (b in _one(a, "dim=-1", "dim=+1") | _one(a, "(-1", "(+1")):
         return "equivalent", "the tensor is 2-D here, so dimension +1 is dimension -1"
-    if fn in _TWO_D and _without(a, r"dim=-1") == _without(b, r"^$"):
-        return "equivalent", "dim=-1 is the default here (topk) or the implicit dimension of a 2-D softmax"
-    if fn in _TOPK_AS_SET and ("sorted=" in a) and (a.replace("sorted=False", "sorted=True") == b
-                                                    or _without(a, r",?\s*sorted=False") == _without(b, r"^$")):
+    if re.search(r"\.topk\(|torch\.topk\(", a) and _without(b, r"^$") in _drop_one(a, r",?\s*dim=-1"):
+        return "equivalent", "dim=-1 is topk's default"
+    if fn in _TWO_D and "softmax(" in a and _without(b, r"^$") in _drop_one(a, r",?\s*dim=-1") | \
+            {_without(x, r"^$") for x in _one(a, "dim=-1", "dim=None")}:
+        return "equivalent", "softmax's implicit dimension of a 2-D tensor is the last"
+    if fn in _TOPK_AS_SET and ("sorted=" in a) and (b in _one(a, "sorted=False", "sorted=True")
+                                                    or _without(b, r"^$") in _drop_one(a, r",?\s*sorted=False")):
         return "equivalent", "topk's order is not used: its indices are used as a set"
     if fn in _CHUNKED and re.fullmatch(r".*chunk.*", a + b) and (
             re.sub(r"chunk: int = 256", "chunk: int = 257", a) == b or "range(0, S, )" in b

@@ -359,3 +359,14 @@ def test_misa_topk_defaults_and_arguments_reach_the_selection():
     for sel in (K.misa_topk(q, w, k, qpos, topk, scale, valid=valid, kernel="torch")[0],
                 K.dense_topk(q, w, k, qpos, topk, scale, valid=valid, kernel="torch")):
         assert not bool((sel[qpos >= 60] < 50).any())
+
+
+@pytest.mark.skipif(K.HAS_TRITON and torch.cuda.is_available(), reason="checks the CPU refusal of kernel='triton'")
+def test_triton_kernel_asked_for_on_cpu_is_a_clear_error():
+    q, w, k, qpos, _ = _data(S=8, T=8)
+    with pytest.raises(RuntimeError) as e:
+        K.routed_topk(q, w, k, None, qpos, 2, 0.5, kernel="triton")
+    assert str(e.value) == "kernel='triton' needs CUDA tensors and the triton package; use kernel='auto'."
+    for kernel in ("auto", "torch"):  # both take the torch path on CPU tensors
+        assert torch.equal(K.routed_topk(q, w, k, None, qpos, 2, 0.5, kernel=kernel).sort(-1).values,
+                           K.routed_topk_torch(q, w, k, None, qpos, 2, 0.5).sort(-1).values)

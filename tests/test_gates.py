@@ -167,3 +167,22 @@ def test_bad_inputs_are_clear_errors():
     with pytest.raises(ValueError, match="not a multiple"):
         model(_ids(B=2, T=7))
     hook.release()
+
+
+def test_recording_concatenates_each_layers_calls_along_tokens():
+    model = tiny_model("qwen2_moe")
+    hook = GateHook.install(model)
+    E, k = hook.num_experts(), hook.top_k()
+    with torch.no_grad(), hook.recording() as rec:
+        model(_ids(B=1, T=4, seed=1))
+        model(_ids(B=2, T=3, seed=2))
+    assert sorted(rec.indices) == hook.layers
+    for what, width in (("indices", k), ("weights", k), ("scores", E), ("logits", E)):
+        cat = rec.cat(what)
+        assert sorted(cat) == hook.layers
+        for l, t in cat.items():
+            parts = getattr(rec, what)[l]
+            assert [p.shape[0] for p in parts] == [4, 6] and t.shape == (10, width)
+            assert torch.equal(t, torch.cat(parts, 0)) and t.device.type == "cpu"
+    assert torch.equal(rec.cat()[hook.layers[0]], rec.cat("indices")[hook.layers[0]])  # indices by default
+    hook.release()

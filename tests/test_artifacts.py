@@ -201,3 +201,46 @@ def test_schema_names_each_broken_key(edit, said):
     with pytest.raises(ArtifactError) as e:
         validate_meta(meta, "a/retrofit.json")
     assert str(e.value).startswith(f"a/retrofit.json{' ' if 'newer' in said else ': '}{said}"), str(e.value)
+
+
+def test_fingerprint_format_is_frozen():
+    """Artifacts on disk carry fingerprint version 2: the digests of fixed tensors must never change (a change
+    would refuse every saved artifact), and they depend on the shape and a bfloat16 sample of the values."""
+    from types import SimpleNamespace
+
+    from retrofit.artifacts import SAMPLE, fingerprint_of, tensor_digest
+
+    a = torch.arange(15, dtype=torch.float32).reshape(3, 5) / 7
+    b = torch.linspace(-2, 2, 3 * SAMPLE + 1)  # longer than the sample: evenly spaced entries are digested
+    assert tensor_digest(a) == "784f7b03b565a4ef" == tensor_digest(a.bfloat16())
+    assert tensor_digest(a.reshape(5, 3)) == "75f48706bb17216f"  # same values, another shape
+    assert tensor_digest(b) == "7d63dfae62a9bdea"
+    cfg = SimpleNamespace(model_type="llama", hidden_size=8, vocab_size=10)
+    digests = {"model.embed_tokens.weight": tensor_digest(a), "model.layers.0.mlp.weight": tensor_digest(b),
+               "model.layers.1.mlp.weight": tensor_digest(a * 2), "model.norm.weight": tensor_digest(b * 3)}
+    assert fingerprint_of("LlamaForCausalLM", cfg, 2, digests) == {
+        "architecture": "LlamaForCausalLM", "model_type": "llama", "num_layers": 2, "hidden_size": 8,
+        "vocab_size": 10, "fingerprint_version": 2, "weights_sha256": "1e5fecc973d4e4b6db4a0833c6858b95",
+        "layers_sha256": ["24982b88cc269ed7", "03234ac50582e4de"], "other_sha256": "1bb03a8892a7bc32"}
+
+
+def test_save_makes_nested_folders_and_names_the_method_in_both_files(tmp_path):
+    from safetensors import safe_open
+
+    from retrofit.artifacts import read_meta, save_artifact
+
+    model = tiny_model("llama")
+    path = tmp_path / "a" / "b" / "routers"
+    save_artifact(path, "drllm", {"x": 1}, {"t": torch.ones(2)}, model)
+    meta = read_meta(path)
+    assert meta["method"] == "drllm" and meta["extra"] == {} and meta["config"] == {"x": 1}
+    with safe_open(str(path / TENSORS_NAME), "pt") as f:
+        assert f.metadata() == {"method": "drllm"}
+    (path / CONFIG_NAME).unlink()
+    with pytest.raises(ArtifactError) as e:
+        read_meta(path)
+    assert str(e.value) == (f"{path} is not a retrofit artifact: {CONFIG_NAME} is missing (expected a folder "
+                            "written by handle.save() or `retrofit train`).")
+    (path / CONFIG_NAME).write_text("[]")
+    with pytest.raises(ArtifactError, match=f"^{path / CONFIG_NAME}: must be a JSON object, not a list"):
+        read_meta(path)

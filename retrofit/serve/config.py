@@ -9,8 +9,10 @@ requests may bring their own plan::
                     "arc-lean": {"path": "runs/routers_arc", "skip_bias": 0.5, "allow_repeat": false}},
       "default": "none",                 # what a request without retrofit arguments gets: an artifact name or "none"
       "allow_request_plans": false,      # may a request send its own plan ("retrofit_plan")?
-      "num_layers": 30                   # optional: the model's decoder layers (`retrofit serve` fills it in), so
-    }                                    # the API front end can refuse a plan of the wrong length (HTTP 400)
+      "num_layers": 30,                  # optional: the model's decoder layers (`retrofit serve` fills it in), so
+                                         # the API front end can refuse a plan of the wrong length (HTTP 400)
+      "sub_batch": true                  # per-request mode: a layer's MLP runs only on the tokens of the requests
+    }                                    # that execute it (false: every token, the skipping ones kept as they were)
 
 It reaches vLLM as ``hf_overrides={"architectures": ["RetrofitLlamaForCausalLM"], "retrofit": {...}}`` or as the
 environment variable ``RETROFIT_VLLM_CONFIG`` (a JSON string or the path of a JSON file); see docs/serve.md.
@@ -39,7 +41,7 @@ from retrofit.core import plans as _plans
 ENV = "RETROFIT_VLLM_CONFIG"
 REQUEST_KEYS = ("retrofit", "retrofit_plan")
 _ARTIFACT_KEYS = {"path", "skip_bias", "repeat_bias", "allow_repeat"}
-_TOP_KEYS = {"plan", "artifacts", "default", "allow_request_plans", "num_layers"}
+_TOP_KEYS = {"plan", "artifacts", "default", "allow_request_plans", "num_layers", "sub_batch"}
 
 
 class ServeConfigError(ValueError):
@@ -60,6 +62,7 @@ class ServeConfig:
     default: str = "none"
     allow_request_plans: bool = False
     num_layers: int | None = None
+    sub_batch: bool = True
 
     @property
     def static(self) -> bool:
@@ -132,8 +135,11 @@ def parse_serve_config(obj) -> ServeConfig:
     allow = obj.get("allow_request_plans", False)
     if not isinstance(allow, bool):
         raise ServeConfigError(f"allow_request_plans must be true or false, got {allow!r}")
+    sub_batch = obj.get("sub_batch", True)
+    if not isinstance(sub_batch, bool):
+        raise ServeConfigError(f"sub_batch must be true or false, got {sub_batch!r}")
     return ServeConfig(plan=plan, artifacts=arts, default=default, allow_request_plans=allow,
-                       num_layers=num_layers)
+                       num_layers=num_layers, sub_batch=sub_batch)
 
 
 def find_serve_config(hf_config=None) -> ServeConfig | None:

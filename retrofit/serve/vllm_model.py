@@ -12,8 +12,13 @@ residual)`` unchanged to skip. Two modes, chosen from the serve config at load t
   under one plan must not serve another): before each forward the model reads every row's choice from
   :mod:`retrofit.serve.vllm_state`; a row's plan is decided at its prefill (routers decide layer by layer
   from the hidden states entering each layer, over the whole prompt: chunked prefill must be off) and kept
-  for its decoding. A layer runs when any row of the step needs it; rows that skip it keep their stream
-  (``torch.where`` per token), so skipped layers save compute when no row of the step needs them.
+  for its decoding. A layer runs when any row of the step needs it. Then, with ``sub_batch`` (the default), its
+  attention runs for every token of the step (vLLM's attention metadata and KV-cache slots describe the whole
+  step; a skipping request's entries in this layer are written but its outputs are dropped, and its later
+  tokens skip the layer too) and its MLP half -- post-attention norm and MLP, three quarters of a Llama
+  layer's weights -- runs only on the tokens of the requests that execute the layer (gathered, run, scattered
+  back); the skipping tokens keep their stream. Without ``sub_batch`` the whole layer runs for every token and
+  ``torch.where`` keeps the skipping rows' stream.
 
 ``repeat`` is refused with a clear error (a repeated block needs its own KV-cache slot, which vLLM's cache
 spec does not give a layer here); routers are served with repeat masked (``allow_repeat: false``).
@@ -43,7 +48,7 @@ __all__ = ["RetrofitLlamaForCausalLM", "RetrofitQwen2ForCausalLM", "RetrofitQwen
 
 
 class _Step:
-    __slots__ = ("acts", "qsl", "deciding", "rows", "pools", "layer_any", "layer_all", "tok_run")
+    __slots__ = ("acts", "qsl", "deciding", "rows", "pools", "layer_any", "layer_all", "tok_run", "split")
 
     def __init__(self, acts, qsl, deciding, rows):
         self.acts = acts  # [R, L] long
@@ -53,6 +58,7 @@ class _Step:
         self.layer_any = self.layer_all = None  # per-layer "any / every row runs it" (decode-only steps)
         self.tok_run = None  # [T, L, 1] per-token run mask (decode-only steps with mixed plans)
         self.pools = {}  # row -> (averaging matrix, window weights) of a deciding row
+        self.split = {}  # run pattern of a layer (per row) -> (token indices that run it, that skip it)
 
 
 class RetrofitController:
@@ -76,6 +82,8 @@ class RetrofitController:
             check_static_plan(self.cfg.plan, num_layers)
             self.static_skip = [a == "skip" for a in self.cfg.plan]
         self.dynamic = not self.cfg.static
+        self.sub_batch = self.cfg.sub_batch
+        self.tokens_mlp_skipped = 0  # tokens whose MLP half a sub-batched layer did not run (for benchmarks)
         if self.dynamic:
             mode = vllm_config.compilation_config.mode
             if mode not in (None, CompilationMode.NONE):
@@ -223,7 +231,7 @@ class RetrofitController:
         self.step = None
 
     # ------------------------------------------------------------ per layer
-    def run_layer(self, i: int, forward, positions, hidden, residual):
+    def run_layer(self, i: int, forward, positions, hidden, residual, layer=None):
         st = self.step
         if st is None:
             if self.static_skip[i]:  # a plain bool: traced into the graph when vLLM compiles
@@ -246,9 +254,13 @@ class RetrofitController:
         if not any_run:
             return _passthrough(hidden, residual)
         self.layers_run += 1
-        new_h, new_r = forward(positions, hidden, residual)
         if all_run:
-            return new_h, new_r
+            return forward(positions, hidden, residual)
+        if self.sub_batch and layer is not None and _splittable(layer):
+            run_idx, skip_idx = self._split(st, i, hidden.shape[0], hidden.device)
+            self.tokens_mlp_skipped += int(skip_idx.numel())
+            return _mlp_sub_batch(layer, positions, hidden, residual, run_idx, skip_idx)
+        new_h, new_r = forward(positions, hidden, residual)
         if st.tok_run is not None:
             tm = st.tok_run[:, i]
         else:
@@ -258,6 +270,17 @@ class RetrofitController:
         tm = tm.to(hidden.device)
         old_r = residual if residual is not None else torch.zeros_like(hidden)
         return torch.where(tm, new_h, hidden), torch.where(tm, new_r, old_r)
+
+    def _split(self, st: "_Step", i: int, num_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token indices of the step that run layer i and that skip it (the same for every layer with the same
+        per-row pattern, so computed once per pattern and step)."""
+        run = st.acts[:, i] != SKIP
+        key = (tuple(run.tolist()), num_tokens)
+        got = st.split.get(key)
+        if got is None:
+            tm = self._token_mask(st, run.unsqueeze(1), num_tokens)[:, 0, 0]
+            got = st.split[key] = (tm.nonzero().flatten().to(device), (~tm).nonzero().flatten().to(device))
+        return got
 
     @staticmethod
     def _token_mask(st: "_Step", run: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
@@ -300,11 +323,39 @@ _METRICS = _PrometheusCounters()
 
 def retrofit_counters(model) -> dict:
     """Counters of a served retrofit model (``LLM.apply_model(retrofit_counters)``): forward steps, decoder-layer
-    passes run (a layer run for any row of a step counts once), router plans decided."""
+    passes run (a layer run for any row of a step counts once), router plans decided, and the token-layers whose
+    MLP half a sub-batched layer did not run."""
     ctl = getattr(model, "retrofit", None)
     if ctl is None:
         return {}
-    return {"steps": ctl.steps, "layers_run": ctl.layers_run, "plans_decided": ctl.plans_decided}
+    return {"steps": ctl.steps, "layers_run": ctl.layers_run, "plans_decided": ctl.plans_decided,
+            "tokens_mlp_skipped": ctl.tokens_mlp_skipped}
+
+
+def _splittable(layer) -> bool:
+    """vLLM's pre-norm decoder layers (Llama, Qwen2, Qwen3, Mistral): input norm, attention, post-attention norm
+    (fused with the residual add), MLP."""
+    return all(hasattr(layer, n) for n in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"))
+
+
+def _mlp_sub_batch(layer, positions, hidden, residual, run_idx, skip_idx):
+    """One decoder layer whose attention runs for every token of the step and whose MLP half runs only on the
+    tokens ``run_idx``; the tokens ``skip_idx`` leave with their stream unchanged (as :func:`_passthrough`).
+    The same operations as the layer's own forward, per token, so a running token's result does not depend on
+    which other tokens run (up to the float rounding of a smaller matrix product)."""
+    keep_h = hidden.index_select(0, skip_idx)  # copies: vLLM's fused add-norm may work in place
+    keep_r = residual.index_select(0, skip_idx) if residual is not None else torch.zeros_like(keep_h)
+    if residual is None:
+        residual = hidden
+        h = layer.input_layernorm(hidden)
+    else:
+        h, residual = layer.input_layernorm(hidden, residual)
+    h = layer.self_attn(positions=positions, hidden_states=h)
+    hs, rs = layer.post_attention_layernorm(h.index_select(0, run_idx), residual.index_select(0, run_idx))
+    hs = layer.mlp(hs)
+    out_h = h.new_empty(h.shape).index_copy_(0, run_idx, hs).index_copy_(0, skip_idx, keep_h)
+    out_r = h.new_empty(h.shape).index_copy_(0, run_idx, rs).index_copy_(0, skip_idx, keep_r)
+    return out_h, out_r
 
 
 def _passthrough(hidden, residual):
@@ -327,7 +378,7 @@ def _retrofit_layer_class(cls: type) -> type:
             if ctl is None:
                 return base(positions, hidden_states, residual, **kw)
             return ctl.run_layer(self.retrofit_index, lambda p, h, r: base(p, h, r, **kw), positions,
-                                 hidden_states, residual)
+                                 hidden_states, residual, layer=None if kw else self)
 
         sub = type(f"Retrofit{cls.__name__}", (cls,), {"forward": forward, "__module__": __name__})
         _LAYER_CLASSES[cls] = sub

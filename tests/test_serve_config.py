@@ -204,21 +204,31 @@ def test_mlp_sub_batch_equals_the_whole_layer_for_running_tokens_and_keeps_the_r
     g = torch.Generator().manual_seed(1)
     hidden, residual = torch.randn(T, d, generator=g), torch.randn(T, d, generator=g)
     # three requests of 4, 3 and 2 tokens (qsl), the middle one skips the layer
-    ctl = RetrofitController(_vllm_config({"plan": "eeee", "allow_request_plans": True}), 4, d)
-    assert ctl.sub_batch
-    st = _Step(torch.tensor([[EXECUTE] * 4, [EXECUTE, SKIP, EXECUTE, EXECUTE], [EXECUTE] * 4]), [0, 4, 7, 9], [],
-               [None] * 3)
-    run_idx, skip_idx = ctl._split(st, 1, T, hidden.device)
-    assert run_idx.tolist() == [0, 1, 2, 3, 7, 8] and skip_idx.tolist() == [4, 5, 6]
-    assert ctl._split(st, 1, T, hidden.device)[0] is run_idx  # one split per pattern and step
+    acts = torch.tensor([[EXECUTE] * 4, [EXECUTE, SKIP, EXECUTE, EXECUTE], [EXECUTE] * 4])
+    splits = {}
+    for m in (1, 4, 8, 16):
+        ctl = RetrofitController(_vllm_config({"allow_request_plans": True, "sub_batch_multiple": m}), 4, d)
+        assert ctl.sub_batch and ctl.sub_batch_multiple == m
+        st = _Step(acts, [0, 4, 7, 9], [], [None] * 3)
+        splits[m] = ctl._split(st, 1, T, hidden.device)
+        assert ctl._split(st, 1, T, hidden.device) is splits[m]  # one split per pattern and step
+    assert [x.tolist() for x in splits[1]] == [[0, 1, 2, 3, 7, 8], [4, 5, 6]]
+    # padded with the first skipping tokens to a multiple; a sub-batch of every token is no split
+    assert [x.tolist() for x in splits[4]] == [x.tolist() for x in splits[8]] == [[0, 1, 2, 3, 4, 5, 7, 8], [4, 5, 6]]
+    assert splits[16] is None
+    run, skip = splits[1]
     for res in (residual, None):  # before the first executed layer vLLM's residual is None
         full_h, full_r = layer.forward(positions, hidden.clone(), None if res is None else res.clone())
         keep_h, keep_r = _passthrough(hidden.clone(), None if res is None else res.clone())
-        got_h, got_r = _mlp_sub_batch(layer, positions, hidden.clone(), None if res is None else res.clone(),
-                                      run_idx, skip_idx)
-        torch.testing.assert_close(got_h[run_idx], full_h[run_idx], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(got_r[run_idx], full_r[run_idx], rtol=1e-5, atol=1e-6)
-        assert torch.equal(got_h[skip_idx], keep_h[skip_idx]) and torch.equal(got_r[skip_idx], keep_r[skip_idx])
+        for run_idx, skip_idx in (splits[1], splits[8]):
+            got_h, got_r = _mlp_sub_batch(layer, positions, hidden.clone(), None if res is None else res.clone(),
+                                          run_idx, skip_idx)
+            torch.testing.assert_close(got_h[run], full_h[run], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(got_r[run], full_r[run], rtol=1e-5, atol=1e-6)
+            assert torch.equal(got_h[skip], keep_h[skip]) and torch.equal(got_r[skip], keep_r[skip])
     with pytest.raises(ServeConfigError, match="sub_batch must be true or false, got 'yes'"):
         parse_serve_config({"allow_request_plans": True, "sub_batch": "yes"})
     assert not parse_serve_config({"allow_request_plans": True, "sub_batch": False}).sub_batch
+    for bad in (0, True, 2.0):
+        with pytest.raises(ServeConfigError, match="sub_batch_multiple must be a positive integer"):
+            parse_serve_config({"allow_request_plans": True, "sub_batch_multiple": bad})

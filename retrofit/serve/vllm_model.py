@@ -17,8 +17,9 @@ residual)`` unchanged to skip. Two modes, chosen from the serve config at load t
   step; a skipping request's entries in this layer are written but its outputs are dropped, and its later
   tokens skip the layer too) and its MLP half -- post-attention norm and MLP, three quarters of a Llama
   layer's weights -- runs only on the tokens of the requests that execute the layer (gathered, run, scattered
-  back); the skipping tokens keep their stream. Without ``sub_batch`` the whole layer runs for every token and
-  ``torch.where`` keeps the skipping rows' stream.
+  back; padded to a multiple of ``sub_batch_multiple`` tokens with skipping ones, whose MLP output is
+  dropped; when that is every token, the whole layer runs); the skipping tokens keep their stream. Without
+  ``sub_batch`` the whole layer runs for every token and ``torch.where`` keeps the skipping rows' stream.
 
 ``repeat`` is refused with a clear error (a repeated block needs its own KV-cache slot, which vLLM's cache
 spec does not give a layer here); routers are served with repeat masked (``allow_repeat: false``).
@@ -83,6 +84,7 @@ class RetrofitController:
             self.static_skip = [a == "skip" for a in self.cfg.plan]
         self.dynamic = not self.cfg.static
         self.sub_batch = self.cfg.sub_batch
+        self.sub_batch_multiple = self.cfg.sub_batch_multiple
         self.tokens_mlp_skipped = 0  # tokens whose MLP half a sub-batched layer did not run (for benchmarks)
         if self.dynamic:
             mode = vllm_config.compilation_config.mode
@@ -256,9 +258,11 @@ class RetrofitController:
         self.layers_run += 1
         if all_run:
             return forward(positions, hidden, residual)
-        if self.sub_batch and layer is not None and _splittable(layer):
-            run_idx, skip_idx = self._split(st, i, hidden.shape[0], hidden.device)
-            self.tokens_mlp_skipped += int(skip_idx.numel())
+        split = self._split(st, i, hidden.shape[0], hidden.device) if (
+            self.sub_batch and layer is not None and _splittable(layer)) else None
+        if split is not None:
+            run_idx, skip_idx = split
+            self.tokens_mlp_skipped += hidden.shape[0] - int(run_idx.numel())
             return _mlp_sub_batch(layer, positions, hidden, residual, run_idx, skip_idx)
         new_h, new_r = forward(positions, hidden, residual)
         if st.tok_run is not None:
@@ -271,16 +275,25 @@ class RetrofitController:
         old_r = residual if residual is not None else torch.zeros_like(hidden)
         return torch.where(tm, new_h, hidden), torch.where(tm, new_r, old_r)
 
-    def _split(self, st: "_Step", i: int, num_tokens: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token indices of the step that run layer i and that skip it (the same for every layer with the same
-        per-row pattern, so computed once per pattern and step)."""
+    def _split(self, st: "_Step", i: int, num_tokens: int, device):
+        """(tokens that run layer i's MLP half, tokens that skip layer i), or None when the sub-batch would be
+        every token. The running tokens are padded with the first skipping ones up to a multiple of
+        ``sub_batch_multiple`` (their MLP output is computed and dropped). The same for every layer with the same
+        per-row pattern, so computed once per pattern and step."""
         run = st.acts[:, i] != SKIP
         key = (tuple(run.tolist()), num_tokens)
-        got = st.split.get(key)
-        if got is None:
+        if key not in st.split:
             tm = self._token_mask(st, run.unsqueeze(1), num_tokens)[:, 0, 0]
-            got = st.split[key] = (tm.nonzero().flatten().to(device), (~tm).nonzero().flatten().to(device))
-        return got
+            run_idx, skip_idx = tm.nonzero().flatten(), (~tm).nonzero().flatten()
+            m = self.sub_batch_multiple
+            size = -(-len(run_idx) // m) * m
+            if size >= num_tokens:
+                st.split[key] = None
+            else:
+                if size > len(run_idx):
+                    run_idx = torch.sort(torch.cat([run_idx, skip_idx[: size - len(run_idx)]])).values
+                st.split[key] = (run_idx.to(device), skip_idx.to(device))
+        return st.split[key]
 
     @staticmethod
     def _token_mask(st: "_Step", run: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:

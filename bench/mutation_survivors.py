@@ -116,7 +116,7 @@ def classify(name: str, status: str, diff: str) -> tuple[str, str]:
     if re.sub(r"device=[^,()]+", "device=None", a) == b or _without(a, r",?\s*device=[^,()]+") == _without(b, r"^$"):
         return "equivalent", "device argument: every tensor is on the CPU in these runs, so the default device is " \
                              "the same (a GPU run would tell)"
-    if a.replace("(hidden.device)", "(None)") == b or a.replace("(q.device)", "(None)") == b:
+    if any(a.replace(f"({d})", "(None)") == b for d in ("hidden.device", "q.device", "self.device", "rows.device")):
         return "equivalent", "device argument: every tensor is on the CPU in these runs (a GPU run would tell)"
     if re.search(r"torch\.(zeros|ones|empty)\(", a) and "dtype=torch.float32" in a and (
             a.replace("dtype=torch.float32", "dtype=None") == b or _without(a, r",?\s*dtype=torch\.float32") ==

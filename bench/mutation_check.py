@@ -88,8 +88,9 @@ MUTATIONS = [
 
 
 MUTMUT_COMMAND = ("OMP_NUM_THREADS=1 .venv/bin/mutmut run --max-children 2 && .venv/bin/mutmut export-cicd-stats"
+                  " && .venv/bin/python bench/mutation_survivors.py --out bench/results/mutation_survivors.json"
                   " && OMP_NUM_THREADS=1 .venv/bin/python bench/mutation_check.py"
-                  " --mutmut-stats mutants/mutmut-cicd-stats.json")
+                  " --mutmut-stats mutants/mutmut-cicd-stats.json --survivors bench/results/mutation_survivors.json")
 
 
 def _now():

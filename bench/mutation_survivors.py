@@ -100,6 +100,10 @@ _LINE_RULES = [
     ("misa_topk", "lin = None", lambda a: {'lin=""'},
      "lin stays at this value only when every head is used, and then it is not read"),
     ("_chunk_rows", "", None, "a chunk size: it only splits the work"),
+    ("guard_cache", "src = torch.where((src < 0) & ~ps.kept_mask", lambda a: _cmp(a, "(src < 0) &", "(src <= 0) &")
+     | _cmp(a, "(src < 0) &", "(src < 1) &"), "only a source 0 more is mapped to 0: the same row"),
+    ("guard_cache", "local = torch.full((batch,), -1,", lambda a: _cmp(a, "-1,", "-2,"),
+     "any negative marker works: only src < 0 is tested"),
 ]
 _LOWER_LO = re.compile(r"lo = max\(qmin \+ 1, 0\)")
 

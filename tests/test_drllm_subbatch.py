@@ -211,3 +211,35 @@ def test_beam_search_follows_the_sub_batch_caches():
         cache = model(ids, use_cache=True).past_key_values
     with pytest.raises(RuntimeError, match="sub_batch = False"):  # other decoding modes' batch edits: refused
         cache.batch_select_indices(torch.tensor([0]))
+
+
+def test_sub_batch_cache_edits_are_mapped_or_refused_by_name():
+    """reorder_cache maps each slot's rows (a row may take the history of a row with the same passes) and
+    refuses a move onto a row with another plan; the other batch edits and a bad multiple are refused."""
+    model = tiny_model("llama")
+    h = retrofit.attach(model, "drllm")
+    # layer 1: rows 0 and 2 only; every other layer: all rows
+    h.set_plan([["execute"] * 4, ["execute", "skip", "execute", "execute"], ["execute"] * 4])
+    h.sub_batch_multiple = 1
+    ids = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    keys = [layer.keys.clone() for layer in cache.layers]
+    assert [k.shape[0] for k in keys] == [3, 2, 3, 3]  # slot 1 holds rows 0 and 2 only
+    cache.reorder_cache(torch.tensor([0, 0, 2]))  # row 1 takes row 0's history: it never ran layer 1
+    assert torch.equal(cache.layers[0].keys[1], keys[0][0]) and torch.equal(cache.layers[1].keys, keys[1])
+    with pytest.raises(RuntimeError) as e:
+        cache.reorder_cache(torch.tensor([1, 1, 2]))  # row 0 would need row 1's layer-1 history: there is none
+    assert str(e.value) == ("Dr.LLM: beam search moved a sequence onto a row with another plan; the per-layer "
+                            "sub-batch cache cannot follow that (set handle.sub_batch = False)")
+    for edit in (lambda: cache.batch_select_indices(torch.tensor([0])), lambda: cache.batch_repeat_interleave(2)):
+        with pytest.raises(RuntimeError) as e:
+            edit()
+        assert str(e.value) == ("Dr.LLM: this decoding mode edits the KV cache's batch, whose layers hold per-layer "
+                                "sub-batches here; set handle.sub_batch = False for it")
+    for bad in (0, True, 1.5):
+        h.sub_batch_multiple = bad
+        with pytest.raises(ValueError) as e, torch.no_grad():
+            model(ids)
+        assert str(e.value) == f"sub_batch_multiple must be a positive integer, got {bad!r}"
+    h.detach()

@@ -235,3 +235,17 @@ def test_non_finite_hidden_states_name_the_rows_and_the_layer():
     assert str(e.value).startswith("Dr.LLM: the hidden states entering decoder layer 0 hold NaN or inf (batch rows "
                                    "[1]), so its router cannot decide; the base model overflowed")
     h.detach()
+
+
+def test_per_row_plans_must_match_the_batch():
+    model = tiny_model("llama")
+    L = model.config.num_hidden_layers
+    h = retrofit.attach(model, "drllm")
+    h.set_plan([["execute"] * L, ["skip"] + ["execute"] * (L - 1)])
+    with pytest.raises(ValueError) as e, torch.no_grad():
+        model(torch.randint(3, 100, (3, 4)))
+    assert str(e.value) == "set_plan() got 2 per-row plans but the batch has 3 rows"
+    with torch.no_grad():  # the same plans on a batch of two run
+        model(torch.randint(3, 100, (2, 4)))
+    assert h.stats()["action_counts"][0] == [1, 1, 0]
+    h.detach()

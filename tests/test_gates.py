@@ -186,3 +186,22 @@ def test_recording_concatenates_each_layers_calls_along_tokens():
             assert torch.equal(t, torch.cat(parts, 0)) and t.device.type == "cpu"
     assert torch.equal(rec.cat()[hook.layers[0]], rec.cat("indices")[hook.layers[0]])  # indices by default
     hook.release()
+
+
+def test_gate_hook_errors_name_the_model_and_the_fix():
+    dense = tiny_model("llama")
+    with pytest.raises(ValueError) as e:
+        GateHook.install(dense)
+    assert str(e.value) == ("LlamaForCausalLM (llama) has no MoE gates; the gate hook needs an MoE model (e.g. "
+                            "OLMoE, Qwen2-MoE, Mixtral, DeepSeek-V3, or `retrofit moefy`'s).")
+    model = tiny_model("olmoe")
+    hook = GateHook.install(model)
+    with pytest.raises(TypeError) as e:
+        hook.set_offset(hook.layers[0], "x")
+    assert str(e.value) == "offset must be a tensor, a callable or None, not str"
+    hook.set_offset(hook.layers[0], torch.zeros(3, hook.num_experts()))  # per sequence, for 3 sequences
+    with pytest.raises(ValueError) as e, torch.no_grad():
+        model(_ids(B=2, T=4))
+    assert str(e.value) == ("per-sequence offset has batch 3 but the gate got 8 token rows (not a multiple): set the "
+                            "offset for the batch being run")
+    hook.release()

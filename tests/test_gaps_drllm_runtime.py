@@ -249,3 +249,25 @@ def test_per_row_plans_must_match_the_batch():
         model(torch.randint(3, 100, (2, 4)))
     assert h.stats()["action_counts"][0] == [1, 1, 0]
     h.detach()
+
+
+def test_plans_apply_to_positional_ids_and_to_inputs_embeds():
+    model = tiny_model("qwen2")
+    L = model.config.num_hidden_layers
+    h = retrofit.attach(model, "drllm")
+    plans = [["execute", "skip"] + ["execute"] * (L - 2), ["repeat"] + ["skip"] * (L - 1)]
+    h.set_plan(plans)
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits
+        emb = model(inputs_embeds=model.get_input_embeddings()(ids)).logits
+        inner = model.model(ids).last_hidden_state  # the decoder called with its ids positionally
+        inner_kw = model.model(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(emb, ref)
+    assert torch.equal(inner, inner_kw)
+    h.set_plan(None)
+    with torch.no_grad():
+        assert not torch.allclose(model(input_ids=ids).logits, ref)  # the plans really changed the output
+    # layer 0 over the five calls: row 0 executes in all, row 1 repeats in the four planned ones
+    assert h.stats()["action_counts"][0] == [0, 6, 4]
+    h.detach()

@@ -101,7 +101,7 @@ _LINE_RULES = [
      "lin stays at this value only when every head is used, and then it is not read"),
     ("_chunk_rows", "", None, "a chunk size: it only splits the work"),
     ("guard_cache", "src = torch.where((src < 0) & ~ps.kept_mask", lambda a: _cmp(a, "(src < 0) &", "(src <= 0) &")
-     | _cmp(a, "(src < 0) &", "(src < 1) &"), "only a source 0 more is mapped to 0: the same row"),
+     | _cmp(a, "(src < 0) &", "(src < 1) &"), "a source of 0 is mapped to 0 again: the same row"),
     ("guard_cache", "local = torch.full((batch,), -1,", lambda a: _cmp(a, "-1,", "-2,"),
      "any negative marker works: only src < 0 is tested"),
 ]

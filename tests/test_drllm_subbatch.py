@@ -243,3 +243,31 @@ def test_sub_batch_cache_edits_are_mapped_or_refused_by_name():
             model(ids)
         assert str(e.value) == f"sub_batch_multiple must be a positive integer, got {bad!r}"
     h.detach()
+
+
+@pytest.mark.parametrize("multiple", [1, 2])
+def test_shared_dsa_indexers_get_the_last_executed_full_layers_picks_per_row(multiple):
+    """GLM-MoE-DSA's 'shared' layers reuse the previous full layer's top-k (handed on as prev_topk_indices): a row
+    that skips a full layer hands on the picks of the last full layer it ran, in a sub-batch as when run alone."""
+    model = tiny_model("glm_moe_dsa", indexer_types=["full", "shared", "full", "shared"])
+    assert model.model.layers[1].self_attn.indexer is None  # really shared
+    g = torch.Generator().manual_seed(5)
+    rows = [torch.randint(3, 128, (1, 9), generator=g) for _ in range(4)]
+    ids = torch.cat(rows)
+    # row 0 runs everything; row 1 skips full layer 2 (layer 3 reuses layer 0's picks); row 2 skips layers 0, 1;
+    # row 3 repeats full layer 2 (its second pass re-picks)
+    plans = [["execute"] * 4, ["execute", "execute", "skip", "execute"], ["skip", "skip", "execute", "execute"],
+             ["execute", "execute", "repeat", "execute"]]
+    h = retrofit.attach(model, "drllm")
+    h.sub_batch_multiple = multiple  # 1: layer 1 runs rows {0, 1, 3} alone; 2: padded to the whole batch
+    with torch.no_grad():
+        h.set_plan(plans)
+        sub = model(ids).logits
+        h.sub_batch = False
+        ref = model(ids).logits
+        h.sub_batch = True
+        torch.testing.assert_close(sub, ref, rtol=1e-5, atol=1e-5)
+        for r, (plan, x) in enumerate(zip(plans, rows)):
+            h.set_plan(plan)
+            torch.testing.assert_close(sub[r], model(x).logits[0], rtol=1e-4, atol=1e-4)
+    h.detach()

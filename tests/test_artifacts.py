@@ -246,3 +246,24 @@ def test_save_makes_nested_folders_and_names_the_method_in_both_files(tmp_path):
     (path / CONFIG_NAME).write_text("[]")
     with pytest.raises(ArtifactError, match=f"^{path / CONFIG_NAME}: must be a JSON object, not a list"):
         read_meta(path)
+
+
+def test_tensor_file_mismatch_names_missing_unlisted_and_changed_tensors(tmp_path):
+    from safetensors.torch import save_file
+
+    from retrofit.artifacts import save_artifact
+
+    model = tiny_model("llama")
+    tensors = {f"t{i}": torch.zeros(2) for i in range(7)}
+    save_artifact(tmp_path / "a", "drllm", {}, tensors, model)
+    bad = {f"t{i}": torch.zeros(2) for i in range(1, 7)} | {"t6": torch.zeros(3), "u": torch.zeros(1)}
+    save_file(bad, str(tmp_path / "a" / TENSORS_NAME))
+    with pytest.raises(ArtifactError) as e:
+        load_artifact(tmp_path / "a")
+    assert str(e.value) == (f"{tmp_path / 'a' / TENSORS_NAME} does not hold the tensors {CONFIG_NAME} lists (missing "
+                            "['t0']; not listed ['u']; with another shape/dtype ['t6']); the artifact is corrupt: "
+                            "save it again.")
+    save_file({f"x{i}": torch.zeros(1) for i in range(7)}, str(tmp_path / "a" / TENSORS_NAME))
+    with pytest.raises(ArtifactError, match=r"missing \['t0', 't1', 't2', 't3', 't4'\]; not listed \['x0', 'x1', "
+                                            r"'x2', 'x3', 'x4'\]\)"):  # at most five names each
+        load_artifact(tmp_path / "a")

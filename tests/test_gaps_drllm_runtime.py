@@ -271,3 +271,23 @@ def test_plans_apply_to_positional_ids_and_to_inputs_embeds():
     # layer 0 over the five calls: row 0 executes in all, row 1 repeats in the four planned ones
     assert h.stats()["action_counts"][0] == [0, 6, 4]
     h.detach()
+
+
+def test_batch_shaped_arguments_and_sub_batch_caches_by_hand():
+    from transformers import DynamicCache, StaticCache
+
+    from retrofit.methods.drllm.runtime import _batch_shaped, _sub_batch_cache
+
+    t = torch.zeros(3, 5)
+    assert _batch_shaped(t, 3) and _batch_shaped(torch.zeros(3), 3) and not _batch_shaped(t, 5)
+    assert not _batch_shaped(torch.tensor(3.0), 3)  # a scalar has no batch axis
+    assert _batch_shaped((None, [torch.zeros(2), t]), 3) and not _batch_shaped((torch.zeros(2),), 3)
+    assert not _batch_shaped(3, 3) and not _batch_shaped(None, 3) and not _batch_shaped([], 3)
+    model = tiny_model("llama")
+    assert _sub_batch_cache(None) and not _sub_batch_cache(object())  # no cache; something without layers
+    fresh = DynamicCache(config=model.config)
+    assert _sub_batch_cache(fresh)  # empty dynamic layers fill themselves from their first keys
+    with torch.no_grad():
+        used = model(torch.randint(3, 100, (2, 4)), use_cache=True).past_key_values
+    assert not _sub_batch_cache(used)  # already holds every row
+    assert not _sub_batch_cache(StaticCache(config=model.config, max_cache_len=8))  # preallocated rows

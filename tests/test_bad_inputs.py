@@ -87,11 +87,18 @@ def test_old_format_artifact_is_refused_with_the_upgrade_named(tmp_path):
         retrofit.load(model, path)
     with pytest.raises(ArtifactError, match=r"older retrofit.*upgrade_artifact"):
         load_artifact(path)  # also without a model (a server reads it before the weights are loaded)
-    with pytest.raises(ArtifactError, match="another base model"):
+    meta.pop("extra", None)  # format-1 files may lack it
+    (path / CONFIG_NAME).write_text(json.dumps(meta))
+    with pytest.raises(ArtifactError) as e:
         upgrade_artifact(path, tiny_model("llama", seed=3))
+    assert str(e.value).endswith("upgrade it on the model it was trained for, loaded in float32.")
+    assert "another base model (format-1 fingerprint differs in ['weights_sha256'])" in str(e.value)
     upgrade_artifact(path, model)
-    assert json.loads((path / CONFIG_NAME).read_text())["format_version"] == 2
+    text = (path / CONFIG_NAME).read_text()
+    new = json.loads(text)
+    assert new["format_version"] == 2 and new["extra"] == {}
     retrofit.load(model, path).detach()
+    assert upgrade_artifact(path, model) == path and (path / CONFIG_NAME).read_text() == text  # current: untouched
 
 
 # ---------------------------------------------------------------------------------------------- damaged files

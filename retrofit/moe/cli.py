@@ -7,6 +7,8 @@ from pathlib import Path
 
 import typer
 
+from retrofit.moe.distill import DEFAULT_SOURCES
+
 
 def register(app: typer.Typer) -> None:
     @app.command("moefy")
@@ -30,7 +32,7 @@ def register(app: typer.Typer) -> None:
         distill_batch: int = typer.Option(4, help="sequences per distillation step"),
         distill_seq_len: int = typer.Option(256, help="tokens per distillation sequence"),
         distill_lr: float = typer.Option(2e-4, help="AdamW learning rate (linear warm-up, then constant)"),
-        distill_sources: str = typer.Option("gsm8k_train,boolq_passages,flores_eng_train,shakespeare_head",
+        distill_sources: str = typer.Option(",".join(DEFAULT_SOURCES),
                                             help="comma-separated distillation texts (none is scored by a bench); "
                                                  "add arc_easy_train_qa for ARC-Easy train questions with their "
                                                  "answers in the evaluation's format"),

@@ -26,8 +26,9 @@ _TWO_D = ("routed_topk_torch", "routed_topk", "_fwd_softmax_renorm", "_fwd_sigmo
 # where topk's result is used as a set of indices (scattered into a mask, gathered and re-ranked, compared as a
 # set by the attention that reads it), so its order does not matter
 _TOPK_AS_SET = ("routed_topk_torch", "routed_topk", "_fwd_sigmoid_grouped")
-# code that runs only on CUDA tensors with triton (the Triton kernel's wrapper and the dispatch to it)
-_GPU_ONLY = ("routed_scores_triton",)
+# the Triton kernel's wrapper: tested on CPU through Triton's interpreter, except what only a GPU has (TF32:
+# the interpreter computes fp32 dots in fp32 whatever ``ieee`` says)
+_TRITON_WRAPPER = "routed_scores_triton"
 # functions whose loop chunk sizes only split the work (every chunk computes its rows from scratch)
 _CHUNKED = ("routed_topk_torch", "moment_route", "misa_topk", "dense_topk")
 
@@ -112,6 +113,25 @@ _LINE_RULES = [
 ]
 _LOWER_LO = re.compile(r"lo = max\(qmin \+ 1, 0\)")
 
+# Mutants explained one by one, after reading the code around them: bench/mutation_equivalent/*.json, each a
+# list of {"function", "original", "mutated", "reason"} (the changed line before and after, compared without
+# spaces). They match by function and text, not by mutmut's mutant number, so a renumbering keeps them and a
+# changed line drops them (the mutant is then a gap again until someone reads it).
+_EXPLAINED_DIR = Path(__file__).resolve().parent / "mutation_equivalent"
+
+
+def _explained() -> dict[tuple[str, str, str], str]:
+    out = {}
+    for f in sorted(_EXPLAINED_DIR.glob("*.json")):
+        for e in json.loads(f.read_text()):
+            if not e.get("reason", "").strip():
+                raise SystemExit(f"{f}: an entry without a reason: {e}")
+            out[(e["function"], _norm(e["original"]), _norm(e["mutated"]))] = e["reason"]
+    return out
+
+
+_EXPLAINED = _explained()
+
 
 def classify(name: str, status: str, diff: str) -> tuple[str, str]:
     """(class, reason): class is 'equivalent', 'gpu_only' or 'gap'."""
@@ -120,9 +140,9 @@ def classify(name: str, status: str, diff: str) -> tuple[str, str]:
     if "ǁ_StepStateǁ__init__" in name:
         return "equivalent", "the pre-hook sets every field of the step state before a layer reads it (a handle's " \
                              "first forward is always a prefill, which sets the prefill fields too)"
-    if fn in _GPU_ONLY:
-        return "gpu_only", "runs only on CUDA tensors with triton; tests/test_misa.py::test_triton_kernel_matches_" \
-                           "reference checks it on a GPU machine"
+    if fn == _TRITON_WRAPPER and "ieee" in a:
+        return "gpu_only", "ieee=False allows TF32, which only a GPU has: the interpreter's fp32 dots are the same " \
+                           "(tests/test_misa.py::test_triton_kernel_matches_reference checks it on a GPU machine)"
     if a.replace('"-inf"', '"-INF"').replace('"inf"', '"INF"') == b:
         return "equivalent", "float() parses 'inf' in any letter case"
     if re.sub(r"device=[^,()]+", "device=None", a) == b or _without(a, r",?\s*device=[^,()]+") == _norm(b):
@@ -153,6 +173,9 @@ def classify(name: str, status: str, diff: str) -> tuple[str, str]:
         return "gpu_only", "kernel and ieee choose and tune the Triton path, which CPU tensors never take"
     if fn == "_use_triton" and "t.is_cuda" in a:
         return "gpu_only", "the dispatch differs only for CUDA tensors with triton"
+    why = _EXPLAINED.get((fn, _norm(a), _norm(b)))
+    if why:
+        return "equivalent", why
     for f, text, variants, why in _LINE_RULES:
         if fn == f and text in a and (variants is None or _norm(b) in variants(a)):
             return "equivalent", why

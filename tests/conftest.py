@@ -1,6 +1,10 @@
 import os
 from pathlib import Path
 
+# Triton's interpreter runs the MISA Triton kernel on CPU tensors (tests/test_misa.py). Triton reads this when it
+# is imported, so it is set before anything imports it; vLLM and torch keep Triton off on CPU either way.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

@@ -219,6 +219,76 @@ def test_recall_and_flops():
     assert hier > misa
 
 
+@pytest.mark.skipif(not K.TRITON_INTERPRETED, reason="needs triton with TRITON_INTERPRET=1 (tests/conftest.py sets "
+                    "it; the test extra installs triton)")
+@pytest.mark.parametrize("blocks", [{}, {"block_m": 16, "block_n": 16}])
+def test_triton_kernel_matches_reference_in_the_interpreter(blocks):
+    """The Triton kernel itself, run by Triton's interpreter on CPU tensors: partial tiles (40 queries, 70 keys),
+    the causal tile skip (16 x 16 tiles), sub-heads and all heads, fp32 and fp16 (bf16 needs a GPU: numpy has
+    no bfloat16)."""
+    q, w, k, qpos = _rand(S=40, T=70, H=4, D=16)
+    scale = 16**-0.5
+    head_idx = K.route_heads(K.head_scores(q, w, k, qpos, 16, scale), 2)
+    mask = torch.arange(70)[None, :] <= qpos[:, None]
+    ref = K.routed_scores_reference(q[None], w[None], k[None], head_idx[None], scale, mask[None])[0]
+    got = K.routed_scores_triton(q, w, k, head_idx, qpos, scale, **blocks)
+    assert got.dtype == torch.float32 and got.shape == (40, 70)
+    assert torch.equal(torch.isinf(got), ~mask)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    dense = K.routed_scores_reference(q[None], w[None], k[None], torch.arange(4).expand(1, 40, 4), scale,
+                                      mask[None])[0]
+    torch.testing.assert_close(K.routed_scores_triton(q, w, k, None, qpos, scale, **blocks), dense,
+                               rtol=1e-5, atol=1e-5)
+    got16 = K.routed_scores_triton(q.half(), w, k.half(), head_idx, qpos, scale, **blocks)
+    fin = torch.isfinite(ref)
+    assert ((got16[fin] - ref[fin]).abs().max() / ref[fin].abs().max()) < 3e-3
+    # int64 head indices and positions, non-contiguous inputs: the wrapper converts them
+    got_nc = K.routed_scores_triton(q.transpose(0, 1).contiguous().transpose(0, 1), w, k, head_idx.long(),
+                                    qpos.long(), scale, **blocks)
+    torch.testing.assert_close(got_nc, ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="head_dim 24 must be a power of two"):
+        K.routed_scores_triton(q[..., :24].repeat(1, 1, 2)[..., :24], w, k.repeat(1, 2)[:, :24], head_idx, qpos,
+                               scale)
+
+
+@pytest.mark.skipif(not K.TRITON_INTERPRETED, reason="needs triton with TRITON_INTERPRET=1 (tests/conftest.py sets "
+                    "it; the test extra installs triton)")
+def test_triton_dispatch_selects_the_same_keys_as_the_torch_path():
+    """routed_topk(kernel='triton') (scores from the kernel, then ties, validity, the linear remainder and the
+    candidate re-scoring in torch) picks the keys the torch path picks; kernel='auto' on CPU stays on torch."""
+    q, w, k, qpos = _rand(S=40, T=70, H=4, D=16, seed=1)
+    scale = 16**-0.5
+    head_idx = K.route_heads(K.head_scores(q, w, k, qpos, 16, scale), 2)
+    lin = torch.randn(40, 16) * 0.1
+    valid = torch.rand(40, 70) > 0.2
+    for kw in ({}, {"lin": lin}, {"valid": valid}, {"candidates": 24}, {"lin": lin, "candidates": 24}):
+        tri = K.routed_topk(q, w, k, head_idx, qpos, 8, scale, kernel="triton", **kw)
+        ref = K.routed_topk_torch(q, w, k, head_idx, qpos, 8, scale, **kw)
+        assert tri.shape == ref.shape == (40, 8), kw
+        assert [set(a) for a in tri.tolist()] == [set(b) for b in ref.tolist()], kw
+    dense_tri = K.routed_topk(q, w, k, None, qpos, 8, scale, kernel="triton")
+    dense_ref = K.routed_topk_torch(q, w, k, None, qpos, 8, scale)
+    assert [set(a) for a in dense_tri.tolist()] == [set(b) for b in dense_ref.tolist()]
+    assert K._use_triton(q, "triton") and not K._use_triton(q, "auto") and not K._use_triton(q, "torch")
+
+
+def test_triton_path_refusals_name_the_fix(monkeypatch):
+    """Without triton, or on CPU tensors without the interpreter, the Triton path says what to use instead."""
+    q, w, k, qpos = _rand(S=8, T=8, H=2, D=16)
+    monkeypatch.setattr(K, "TRITON_INTERPRETED", False)
+    with pytest.raises(ValueError, match=r"runs on CUDA tensors \(or on CPU under TRITON_INTERPRET=1, slowly\); on "
+                                         r"CPU use routed_topk_torch"):
+        K.routed_scores_triton(q, w, k, None, qpos, 1.0)
+    with pytest.raises(RuntimeError, match=r"kernel='triton' needs CUDA tensors and the triton package \(or "
+                                           r"TRITON_INTERPRET=1 set before triton is imported"):
+        K.routed_topk(q, w, k, None, qpos, 4, 1.0, kernel="triton")
+    assert K.routed_topk(q, w, k, None, qpos, 4, 1.0, kernel="auto").shape == (8, 4)
+    monkeypatch.setattr(K, "HAS_TRITON", False)
+    with pytest.raises(RuntimeError, match=r"routed_scores_triton needs the `triton` package \(GPU builds of torch "
+                                           r"ship it\)\."):
+        K.routed_scores_triton(q, w, k, None, qpos, 1.0)
+
+
 @pytest.mark.skipif(not (K.HAS_TRITON and torch.cuda.is_available()), reason="Triton kernel needs a CUDA GPU")
 @pytest.mark.parametrize("D", [32, 64, 128])
 def test_triton_kernel_matches_reference(D):

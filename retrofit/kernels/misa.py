@@ -38,6 +38,8 @@ Three implementations of the routed token score, all tested against each other:
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 try:  # triton is optional: only GPUs use it
@@ -49,6 +51,11 @@ except Exception:  # pragma: no cover - CPU machines
     triton = None
     tl = None
     HAS_TRITON = False
+
+# Triton's interpreter (TRITON_INTERPRET=1, read by triton when it is imported) runs the same kernel on CPU
+# tensors, slowly, with numpy: the test suite checks the kernel that way on machines without a GPU.
+# kernel="triton" then accepts CPU tensors; kernel="auto" still takes Triton only on CUDA.
+TRITON_INTERPRETED = HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 __all__ = [
     "HAS_TRITON",
@@ -451,8 +458,9 @@ def routed_scores_triton(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, head
     """
     if not HAS_TRITON:
         raise RuntimeError("routed_scores_triton needs the `triton` package (GPU builds of torch ship it).")
-    if not q.is_cuda:
-        raise ValueError("routed_scores_triton runs on CUDA tensors; on CPU use routed_topk_torch.")
+    if not (q.is_cuda or TRITON_INTERPRETED):
+        raise ValueError("routed_scores_triton runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1, slowly); "
+                         "on CPU use routed_topk_torch.")
     S, H, D = q.shape
     T = k.shape[0]
     if D < 16 or D & (D - 1):
@@ -474,8 +482,9 @@ def routed_scores_triton(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, head
 # ----------------------------------------------------------------------------------------------------------
 def _use_triton(t: torch.Tensor, kernel: str) -> bool:
     if kernel == "triton":
-        if not (HAS_TRITON and t.is_cuda):
-            raise RuntimeError("kernel='triton' needs CUDA tensors and the triton package; use kernel='auto'.")
+        if not (HAS_TRITON and (t.is_cuda or TRITON_INTERPRETED)):
+            raise RuntimeError("kernel='triton' needs CUDA tensors and the triton package (or TRITON_INTERPRET=1 "
+                               "set before triton is imported, to run it on CPU); use kernel='auto'.")
         return True
     return kernel == "auto" and HAS_TRITON and t.is_cuda
 

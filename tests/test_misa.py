@@ -289,6 +289,35 @@ def test_triton_path_refusals_name_the_fix(monkeypatch):
         K.routed_scores_triton(q, w, k, None, qpos, 1.0)
 
 
+@pytest.mark.skipif(not K.TRITON_INTERPRETED, reason="needs triton with TRITON_INTERPRET=1 (tests/conftest.py sets "
+                    "it; the test extra installs triton)")
+def test_misa_and_dense_topk_pass_the_kernel_choice_on(monkeypatch):
+    """misa_topk / dense_topk run the kernel they are asked for: kernel='triton' gives the torch path's keys
+    (through the interpreter) and, where Triton cannot run, refuses instead of falling back; an unknown name
+    is an error, not a silent torch run."""
+    q, w, k, qpos = _rand(S=40, T=70, H=4, D=16, seed=2)
+    scale = 16**-0.5
+    for hier in (False, True):
+        tri, hi = K.misa_topk(q, w, k, qpos, 8, scale, active_heads=2, block_size=16, hierarchical=hier,
+                              candidates=24, kernel="triton")
+        ref, hr = K.misa_topk(q, w, k, qpos, 8, scale, active_heads=2, block_size=16, hierarchical=hier,
+                              candidates=24, kernel="torch")
+        # the same heads; the keys up to near-ties (the kernel and the torch path sum in different orders)
+        assert torch.equal(hi, hr) and K.recall(tri, ref, qpos) > 0.99
+    dense = K.dense_topk(q, w, k, qpos, 8, scale, kernel="triton")
+    assert [set(a) for a in dense.tolist()] == [set(b) for b in K.dense_topk(q, w, k, qpos, 8, scale).tolist()]
+    for bad in ("tritn", None):
+        with pytest.raises(ValueError, match=r"kernel must be one of \('auto', 'torch', 'triton'\), got"):
+            K.misa_topk(q, w, k, qpos, 8, scale, active_heads=2, block_size=16, kernel=bad)
+        with pytest.raises(ValueError, match="kernel must be one of"):
+            K.dense_topk(q, w, k, qpos, 8, scale, kernel=bad)
+    monkeypatch.setattr(K, "TRITON_INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="kernel='triton' needs CUDA tensors"):
+        K.misa_topk(q, w, k, qpos, 8, scale, active_heads=2, block_size=16, kernel="triton")
+    with pytest.raises(RuntimeError, match="kernel='triton' needs CUDA tensors"):
+        K.dense_topk(q, w, k, qpos, 8, scale, kernel="triton")
+
+
 @pytest.mark.skipif(not (K.HAS_TRITON and torch.cuda.is_available()), reason="Triton kernel needs a CUDA GPU")
 @pytest.mark.parametrize("D", [32, 64, 128])
 def test_triton_kernel_matches_reference(D):

@@ -480,7 +480,12 @@ def routed_scores_triton(q: torch.Tensor, w: torch.Tensor, k: torch.Tensor, head
 # ----------------------------------------------------------------------------------------------------------
 # dispatch + whole MISA selection for one sequence
 # ----------------------------------------------------------------------------------------------------------
+KERNELS = ("auto", "torch", "triton")
+
+
 def _use_triton(t: torch.Tensor, kernel: str) -> bool:
+    if kernel not in KERNELS:  # a misspelt name would otherwise run the torch path without a word
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if kernel == "triton":
         if not (HAS_TRITON and (t.is_cuda or TRITON_INTERPRETED)):
             raise RuntimeError("kernel='triton' needs CUDA tensors and the triton package (or TRITON_INTERPRET=1 "

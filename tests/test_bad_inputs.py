@@ -233,6 +233,29 @@ def test_nan_hidden_states_stop_the_routers_naming_the_layer():
     h.detach()
 
 
+def test_a_prefill_that_failed_leaves_no_request_behind():
+    """A prefill that raised before any layer wrote to the cache the caller holds (NaN input embeddings: layer 0's
+    router refuses them): the retry on that still empty cache is a new request that routes and runs, equal to a
+    fresh cache, not a decode step of the failed one."""
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    h = retrofit.attach(model, "drllm", bottleneck=8)
+    h.init_routers(seed=0)
+    ids = torch.randint(3, 128, (2, 9))
+    with torch.no_grad():
+        want = model(ids, past_key_values=DynamicCache()).logits
+        emb = model.get_input_embeddings()(ids)
+        cache = DynamicCache()
+        with pytest.raises(FloatingPointError, match="entering decoder layer 0 hold NaN or inf"):
+            model(inputs_embeds=emb.masked_fill(ids[..., None] == ids[0, 0], float("nan")), past_key_values=cache)
+        assert cache.get_seq_length() == 0
+        got = model(ids, past_key_values=cache).logits
+    assert torch.equal(got, want) and cache.get_seq_length() == 9
+    assert h.stats()["sequences"] == 4  # the two good prefills; the failed one is not counted
+    h.detach()
+
+
 # ---------------------------------------------------------------------------------------------- evaluation
 # (no model is loaded or run here: every check below happens before lm-eval starts)
 class _MustNotRun:

@@ -45,7 +45,9 @@ class RequestTracker:
         """Whether this forward starts a request: no cache, a cache never seen, or ``force`` (e.g. the batch
         size changed). Remembers the cache of a new request."""
         pkv = past_key_values
-        new = force or pkv is None or self._ref is None or self._ref() is not pkv
+        # self.new still set: the forward that started the last request raised before finish(), so that request
+        # holds nothing usable (a retry on the same, still empty cache is a new request, not a decode step)
+        new = force or self.new or pkv is None or self._ref is None or self._ref() is not pkv
         if new:
             self._ref = weakref.ref(pkv) if pkv is not None else None
         self.new = new

@@ -163,6 +163,9 @@ def classify(name: str, status: str, diff: str) -> tuple[str, str]:
                              "the mutant recomputes the same matrices"
     if fn == "_decide" and "hidden.dtype == torch.float32" in a and "and False" in b:
         return "equivalent", ".float() of a float32 tensor is the tensor itself"
+    if '.to("cpu", ' in a and b in _one(a, '.to("cpu", ', ".to(None, ") | _one(a, '.to("cpu", ', ".to("):
+        return "gpu_only", "the copy to the CPU matters only for a model on a GPU (hashing a CUDA tensor's .numpy() " \
+                           "raises); on the CPU the tensor is there already"
     if a.replace('.to("cpu")', ".to(None)") == b:
         return "equivalent", ".to(None) keeps the device: the tensors are on the CPU already in these runs"
     if fn in ("misa_topk", "dense_topk") and re.search(r"kernel|ieee", a) and (

@@ -363,11 +363,13 @@ def test_misa_topk_defaults_and_arguments_reach_the_selection():
 
 
 @pytest.mark.skipif(K.HAS_TRITON and torch.cuda.is_available(), reason="checks the CPU refusal of kernel='triton'")
-def test_triton_kernel_asked_for_on_cpu_is_a_clear_error():
+def test_triton_kernel_asked_for_on_cpu_is_a_clear_error(monkeypatch):
     q, w, k, qpos, _ = _data(S=8, T=8)
+    monkeypatch.setattr(K, "TRITON_INTERPRETED", False)  # the suite runs Triton's interpreter (conftest.py)
     with pytest.raises(RuntimeError) as e:
         K.routed_topk(q, w, k, None, qpos, 2, 0.5, kernel="triton")
-    assert str(e.value) == "kernel='triton' needs CUDA tensors and the triton package; use kernel='auto'."
+    assert str(e.value) == ("kernel='triton' needs CUDA tensors and the triton package (or TRITON_INTERPRET=1 set "
+                            "before triton is imported, to run it on CPU); use kernel='auto'.")
     for kernel in ("auto", "torch"):  # both take the torch path on CPU tensors
         assert torch.equal(K.routed_topk(q, w, k, None, qpos, 2, 0.5, kernel=kernel).sort(-1).values,
                            K.routed_topk_torch(q, w, k, None, qpos, 2, 0.5).sort(-1).values)

@@ -213,6 +213,9 @@ def main():
                    mutmut_run=f"from {args.mutmut_stats}" if finished else
                    f"partial: {done} of {st.get('total')} mutants run (from {args.mutmut_stats}); the counts so far "
                    f"are in mutmut_partial, the score stays null until the run ends")
+        # a mutant that crashes the test process (mutmut: "segfault"; here the Triton interpreter writing out of
+        # bounds) is detected, like a timeout, and listed apart from killed and survived as mutmut lists it
+        res["segfault"] = int(st.get("segfault", 0))
         if not finished:
             res["mutmut_partial"] = {"mutants_run": done, "total": st.get("total"), "killed": killed,
                                      "survived_incl_no_tests": survived, "no_tests": int(st.get("no_tests", 0)),

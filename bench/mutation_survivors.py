@@ -140,6 +140,10 @@ def classify(name: str, status: str, diff: str) -> tuple[str, str]:
     if "ǁ_StepStateǁ__init__" in name:
         return "equivalent", "the pre-hook sets every field of the step state before a layer reads it (a handle's " \
                              "first forward is always a prefill, which sets the prefill fields too)"
+    if fn == _TRITON_WRAPPER and re.search(r"device=[^,()]+", a) and (
+            re.sub(r"device=[^,()]+", "device=None", a) == b or _without(a, r",?\s*device=[^,()]+") == _norm(b)):
+        return "gpu_only", "the Triton kernel's tensors must be on the inputs' GPU; under the interpreter on the CPU " \
+                           "the default device is the same"
     if fn == _TRITON_WRAPPER and "ieee" in a:
         return "gpu_only", "ieee=False allows TF32, which only a GPU has: the interpreter's fp32 dots are the same " \
                            "(tests/test_misa.py::test_triton_kernel_matches_reference checks it on a GPU machine)"

@@ -242,6 +242,8 @@ def test_triton_kernel_matches_reference_in_the_interpreter(blocks):
     got16 = K.routed_scores_triton(q.half(), w, k.half(), head_idx, qpos, scale, **blocks)
     fin = torch.isfinite(ref)
     assert ((got16[fin] - ref[fin]).abs().max() / ref[fin].abs().max()) < 3e-3
+    # keys in another dtype than the queries are cast to the queries' dtype: the same scores
+    assert torch.equal(K.routed_scores_triton(q.half(), w, k, head_idx, qpos, scale, **blocks), got16)
     # int64 head indices and positions, non-contiguous inputs: the wrapper converts them
     got_nc = K.routed_scores_triton(q.transpose(0, 1).contiguous().transpose(0, 1), w, k, head_idx.long(),
                                     qpos.long(), scale, **blocks)
@@ -284,8 +286,8 @@ def test_triton_path_refusals_name_the_fix(monkeypatch):
         K.routed_topk(q, w, k, None, qpos, 4, 1.0, kernel="triton")
     assert K.routed_topk(q, w, k, None, qpos, 4, 1.0, kernel="auto").shape == (8, 4)
     monkeypatch.setattr(K, "HAS_TRITON", False)
-    with pytest.raises(RuntimeError, match=r"routed_scores_triton needs the `triton` package \(GPU builds of torch "
-                                           r"ship it\)\."):
+    with pytest.raises(RuntimeError, match=r"^routed_scores_triton needs the `triton` package \(GPU builds of torch "
+                                           r"ship it\)\.$"):
         K.routed_scores_triton(q, w, k, None, qpos, 1.0)
 
 

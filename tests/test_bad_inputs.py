@@ -245,11 +245,13 @@ def test_a_prefill_that_failed_leaves_no_request_behind():
     ids = torch.randint(3, 128, (2, 9))
     with torch.no_grad():
         want = model(ids, past_key_values=DynamicCache()).logits
+        plans = h.last_plans
         emb = model.get_input_embeddings()(ids)
         cache = DynamicCache()
         with pytest.raises(FloatingPointError, match="entering decoder layer 0 hold NaN or inf"):
             model(inputs_embeds=emb.masked_fill(ids[..., None] == ids[0, 0], float("nan")), past_key_values=cache)
         assert cache.get_seq_length() == 0
+        assert h.last_plans == plans  # the last finished request's plans, not the failed one's
         got = model(ids, past_key_values=cache).logits
     assert torch.equal(got, want) and cache.get_seq_length() == 9
     assert h.stats()["sequences"] == 4  # the two good prefills; the failed one is not counted

@@ -237,11 +237,25 @@ def test_sub_batch_cache_edits_are_mapped_or_refused_by_name():
             edit()
         assert str(e.value) == ("Dr.LLM: this decoding mode edits the KV cache's batch, whose layers hold per-layer "
                                 "sub-batches here; set handle.sub_batch = False for it")
+    with torch.no_grad():
+        want = model(ids).logits
     for bad in (0, True, 1.5):
         h.sub_batch_multiple = bad
         with pytest.raises(ValueError) as e, torch.no_grad():
             model(ids)
         assert str(e.value) == f"sub_batch_multiple must be a positive integer, got {bad!r}"
+        # the refused forward left no step behind: a layer called on its own (as the plan search does) is the
+        # plain block, and the next good forward is a new request
+        hid = torch.randn(1, 5, model.config.hidden_size)
+        pos = torch.arange(5)[None]
+        emb = model.model.rotary_emb(hid, pos)
+        with torch.no_grad():
+            assert torch.equal(model.model.layers[1](hid, position_embeddings=emb),
+                               type(model.model.layers[1]).forward(model.model.layers[1], hid,
+                                                                   position_embeddings=emb))
+    h.sub_batch_multiple = 1
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, want)
     h.detach()
 
 

@@ -175,6 +175,8 @@ def test_a_model_without_decoder_layers_runs_its_empty_plan():
     h = retrofit.attach(model, "drllm", plan=[])
     assert torch.equal(_run(model, ids), base)
     assert h.last_plans == [[]]
+    st = h.stats()  # nothing to skip: every (no) layer runs
+    assert st["mean_layers_executed"] == 0.0 and st["layer_fraction"] == 1.0 and st["sequences"] == 1
     h.detach()
 
 

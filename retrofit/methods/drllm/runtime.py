@@ -325,16 +325,17 @@ class DrLLM(Method):
         st.cache = pkv
         st.gathered = {}
         if prefill:
+            multiple = self.sub_batch_multiple  # checked before any state of the step is set
+            if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
+                raise ValueError(f"sub_batch_multiple must be a positive integer, got {multiple!r}")
             acts, deciding = self._initial_actions(batch, ref.device)
             st.actions, st.deciding = acts, deciding
             st.mask = kwargs.get("attention_mask")
             if st.mask is not None and (st.mask.dim() != 2 or st.mask.shape[-1] != ref.shape[1]):
                 st.mask = None  # not a plain padding mask: pool over every token
             st.pool = None
-            self._plans = acts
-            multiple = self.sub_batch_multiple
-            if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
-                raise ValueError(f"sub_batch_multiple must be a positive integer, got {multiple!r}")
+            # self._plans (last_plans) becomes these plans in the post hook, once the prefill has run: a prefill
+            # that raises leaves the last finished request's plans there, not half-decided ones
             req = self._request = _Request(acts, self.num_layers, bool(self.sub_batch) and _sub_batch_cache(pkv),
                                            multiple)
             if not deciding:  # every layer's rows are known now: route them all at once
@@ -569,7 +570,7 @@ class DrLLM(Method):
             "num_layers": self.num_layers,
             "sequences": self._sequences,
             "mean_layers_executed": passes,
-            "layer_fraction": passes / self.num_layers,
+            "layer_fraction": passes / self.num_layers if self.num_layers else 1.0,  # a model without layers
             "action_counts": c.tolist(),
         }
 

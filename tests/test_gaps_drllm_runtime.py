@@ -57,6 +57,12 @@ def test_stats_count_a_repeat_as_two_block_passes():
     for x in hooks:
         x.remove()
     assert h.stats()["mean_layers_executed"] == sum(counts) == 5.0
+    assert h.stats()["layer_fraction"] == 1.25  # 5 block passes of 4 layers
+    h.reset_stats()
+    h.set_plan(plans[1])
+    with torch.no_grad():
+        model(torch.randint(3, 128, (1, 9)))
+    assert h.stats()["mean_layers_executed"] == 3.0 and h.stats()["layer_fraction"] == 0.75
 
 
 def _pad_sensitive_routers(model, num_windows):

@@ -306,6 +306,9 @@ def test_misa_and_dense_topk_pass_the_kernel_choice_on(monkeypatch):
                               candidates=24, kernel="torch")
         # the same heads; the keys up to near-ties (the kernel and the torch path sum in different orders)
         assert torch.equal(hi, hr) and K.recall(tri, ref, qpos) > 0.99
+    default, hd = K.misa_topk(q, w, k, qpos, 8, scale, active_heads=2, block_size=16)  # kernel="auto": torch on CPU
+    ref, hr = K.misa_topk(q, w, k, qpos, 8, scale, active_heads=2, block_size=16, kernel="torch")
+    assert torch.equal(hd, hr) and torch.equal(default, ref)
     dense = K.dense_topk(q, w, k, qpos, 8, scale, kernel="triton")
     assert [set(a) for a in dense.tolist()] == [set(b) for b in K.dense_topk(q, w, k, qpos, 8, scale).tolist()]
     for bad in ("tritn", None):

@@ -81,13 +81,15 @@ MUTATIONS = [
      "tests/test_gaps_drllm_runtime.py"),
     ("8", "a new KV cache object no longer starts a new request",
      "retrofit/core/hooks.py",
-     "new = force or pkv is None or self._ref is None or self._ref() is not pkv",
-     "new = force or pkv is None or self._ref is None",
+     "new = force or self.new or pkv is None or self._ref is None or self._ref() is not pkv",
+     "new = force or self.new or pkv is None or self._ref is None",
      "tests/test_gaps_drllm_runtime.py"),
 ]
 
 
-MUTMUT_COMMAND = ("OMP_NUM_THREADS=1 .venv/bin/mutmut run --max-children 2 && .venv/bin/mutmut export-cicd-stats"
+MUTMUT_COMMAND = ("OMP_NUM_THREADS=1 .venv/bin/mutmut run --max-children 2"
+                  " && OMP_NUM_THREADS=1 .venv/bin/python bench/mutation_rerun.py --kills bench/results/mutation_kills.json"
+                  " --out bench/results/mutation_rerun.json --apply && .venv/bin/mutmut export-cicd-stats"
                   " && .venv/bin/python bench/mutation_survivors.py --out bench/results/mutation_survivors.json"
                   " && OMP_NUM_THREADS=1 .venv/bin/python bench/mutation_check.py"
                   " --mutmut-stats mutants/mutmut-cicd-stats.json --survivors bench/results/mutation_survivors.json")

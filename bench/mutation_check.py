@@ -88,8 +88,9 @@ MUTATIONS = [
 
 
 MUTMUT_COMMAND = ("OMP_NUM_THREADS=1 .venv/bin/mutmut run --max-children 2"
-                  " && OMP_NUM_THREADS=1 .venv/bin/python bench/mutation_rerun.py --kills bench/results/mutation_kills.json"
-                  " --out bench/results/mutation_rerun.json --apply && .venv/bin/mutmut export-cicd-stats"
+                  " && OMP_NUM_THREADS=1 .venv/bin/python bench/mutation_rerun.py"
+                  " --kills bench/results/mutation_kills.json --out bench/results/mutation_rerun.json --apply"
+                  " && .venv/bin/mutmut export-cicd-stats"
                   " && .venv/bin/python bench/mutation_survivors.py --out bench/results/mutation_survivors.json"
                   " && OMP_NUM_THREADS=1 .venv/bin/python bench/mutation_check.py"
                   " --mutmut-stats mutants/mutmut-cicd-stats.json --survivors bench/results/mutation_survivors.json")

@@ -274,6 +274,49 @@ def test_triton_dispatch_selects_the_same_keys_as_the_torch_path():
     assert K._use_triton(q, "triton") and not K._use_triton(q, "auto") and not K._use_triton(q, "torch")
 
 
+@pytest.mark.skipif(not K.TRITON_INTERPRETED, reason="needs triton with TRITON_INTERPRET=1 (tests/conftest.py sets "
+                    "it; the test extra installs triton)")
+def test_triton_wrapper_asks_for_ieee_dots_on_fp32_only_and_passes_ieee_on(monkeypatch):
+    """What the wrapper hands the kernel: IEEE fp32 dots by default (TF32 only when ieee=False is asked for), never
+    for fp16 inputs; misa_topk / dense_topk pass their ieee on. (TF32 itself only exists on a GPU.)"""
+    q, w, k, qpos = _rand(S=8, T=8, H=2, D=16)
+    seen = []
+    real = K._routed_scores_kernel
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append(kw["IEEE"])
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(K, "_routed_scores_kernel", Recorder())
+    K.routed_scores_triton(q, w, k, None, qpos, 1.0)
+    K.routed_scores_triton(q, w, k, None, qpos, 1.0, ieee=False)
+    K.routed_scores_triton(q.half(), w, k.half(), None, qpos, 1.0)
+    K.routed_scores_triton(q.half(), w, k.half(), None, qpos, 1.0, ieee=True)
+    assert seen == [True, False, False, False]
+    seen.clear()
+    for ieee in (True, False):
+        K.misa_topk(q, w, k, qpos, 4, 1.0, active_heads=1, block_size=4, kernel="triton", ieee=ieee)
+        K.dense_topk(q, w, k, qpos, 4, 1.0, kernel="triton", ieee=ieee)
+    K.misa_topk(q, w, k, qpos, 4, 1.0, active_heads=1, block_size=4, kernel="triton")
+    K.dense_topk(q, w, k, qpos, 4, 1.0, kernel="triton")
+    assert seen == [True, True, False, False, True, True]
+
+
+@pytest.mark.skipif(not K.TRITON_INTERPRETED, reason="needs triton with TRITON_INTERPRET=1 (tests/conftest.py sets "
+                    "it; the test extra installs triton)")
+def test_triton_wrapper_makes_its_tensors_on_the_inputs_device():
+    """Under another default device (as with torch.set_default_device("cuda") and inputs elsewhere) the head
+    indices and the output are made on the inputs' device: the same scores."""
+    q, w, k, qpos = _rand(S=8, T=8, H=2, D=16)
+    want = K.routed_scores_triton(q, w, k, None, qpos, 1.0)
+    with torch.device("meta"):
+        got = K.routed_scores_triton(q, w, k, None, qpos, 1.0)
+    assert got.device.type == "cpu" and torch.equal(got, want)
+
+
 def test_triton_path_refusals_name_the_fix(monkeypatch):
     """Without triton, or on CPU tensors without the interpreter, the Triton path says what to use instead."""
     q, w, k, qpos = _rand(S=8, T=8, H=2, D=16)

@@ -160,3 +160,14 @@ def test_validate_meta_names_a_python_type_that_json_has_no_name_for():
         validate_meta(meta, "m/retrofit.json")
     assert str(e.value) == ("m/retrofit.json: config must be an object of method options, not tuple; the artifact "
                             "is corrupt or from another tool: save it again.")
+
+
+def test_tensor_digest_samples_on_the_tensors_own_device():
+    """The sample index is made on the tensor's device: under another default device (a stand-in for weights on
+    a GPU while the default is the CPU) the digest is the same."""
+    from retrofit.artifacts import tensor_digest
+
+    t = torch.arange(3000, dtype=torch.float32).reshape(30, 100) / 7
+    want = tensor_digest(t)
+    with torch.device("meta"):
+        assert tensor_digest(t) == want

@@ -164,3 +164,27 @@ def test_hooked_softmax_gate_warns_about_nothing(family, kw):
             assert all(torch.equal(p, q) for p, q in zip(o, ref))
     finally:
         hook.release()
+
+
+def test_an_offset_follows_the_gate_logits_device():
+    """An offset set on the CPU is moved to the device of the gate's logits (here the meta device stands in for a
+    GPU: the hooked gate runs there and the CPU offset still applies)."""
+    model = tiny_model("olmoe")
+    hook = GateHook.install(model)
+    try:
+        gate = get_adapter(model).moe_gates(model)[0]
+        E = hook.num_experts(0)
+        off = torch.zeros(E)
+        off[1] = 50.0  # expert 1 always chosen
+        hook.set_offset(0, off, owner="t")
+        x = torch.randn(5, model.config.hidden_size)
+        cpu_out = gate(x)
+        idx = next(o for o in cpu_out if torch.is_tensor(o) and not o.is_floating_point())
+        assert (idx == 1).any(-1).all()  # the offset applies
+        gate.to("meta")
+        meta_out = gate(x.to("meta"))
+        assert all(o.device.type == "meta" for o in meta_out if torch.is_tensor(o))
+        assert [tuple(o.shape) for o in meta_out if torch.is_tensor(o)] == \
+            [tuple(o.shape) for o in cpu_out if torch.is_tensor(o)]
+    finally:
+        hook.release()

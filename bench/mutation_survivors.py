@@ -150,10 +150,11 @@ def classify(name: str, status: str, diff: str) -> tuple[str, str]:
     if a.replace('"-inf"', '"-INF"').replace('"inf"', '"INF"') == b:
         return "equivalent", "float() parses 'inf' in any letter case"
     if re.sub(r"device=[^,()]+", "device=None", a) == b or _without(a, r",?\s*device=[^,()]+") == _norm(b):
-        return "equivalent", "device argument: every tensor is on the CPU in these runs, so the default device is " \
-                             "the same (a GPU run would tell)"
+        return "gpu_only", "device argument: every tensor is on the CPU in these runs, so the default device is " \
+                           "the same (a GPU run, or a test under another default device, would tell)"
     if any(a.replace(f"({d})", "(None)") == b for d in ("hidden.device", "q.device", "self.device", "rows.device")):
-        return "equivalent", "device argument: every tensor is on the CPU in these runs (a GPU run would tell)"
+        return "gpu_only", "device argument: every tensor is on the CPU in these runs (a GPU run, or a test under " \
+                           "another default device, would tell)"
     if re.search(r"torch\.(zeros|ones|empty)\(", a) and "dtype=torch.float32" in a and (
             a.replace("dtype=torch.float32", "dtype=None") == b or _without(a, r",?\s*dtype=torch\.float32") ==
             _norm(b)):
@@ -171,7 +172,8 @@ def classify(name: str, status: str, diff: str) -> tuple[str, str]:
         return "gpu_only", "the copy to the CPU matters only for a model on a GPU (hashing a CUDA tensor's .numpy() " \
                            "raises); on the CPU the tensor is there already"
     if a.replace('.to("cpu")', ".to(None)") == b:
-        return "equivalent", ".to(None) keeps the device: the tensors are on the CPU already in these runs"
+        return "gpu_only", ".to(None) keeps the device: the tensors are on the CPU already in these runs (for a " \
+                           "model on a GPU the copy to the CPU matters)"
     if fn in ("misa_topk", "dense_topk") and re.search(r"kernel|ieee", a) and (
             b in _one(a, "kernel=kernel", "kernel=None") | _one(a, "ieee=ieee", "ieee=None")
             | _one(a, 'kernel="auto"', 'kernel="XXautoXX"') | _one(a, 'kernel="auto"', 'kernel="AUTO"')

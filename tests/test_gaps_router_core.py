@@ -271,3 +271,21 @@ def test_changes_names_each_edit_and_a_module_no_longer_in_the_model():
     assert snap.changes() == ["<model>: buffers changed"]
     snap.restore()
     assert b.scale is s and snap.changes() == []
+
+
+def test_window_means_are_float32_whatever_the_default_dtype():
+    """The window sums and counts are float32 also when torch's default dtype is float64, so the routers (float32
+    weights) get the same features."""
+    from retrofit.methods.drllm.router import window_means
+
+    hidden = torch.randn(2, 7, 8)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+    want = window_means(hidden, mask, 4)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = window_means(hidden, mask, 4)
+    finally:
+        torch.set_default_dtype(old)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b)

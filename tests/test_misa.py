@@ -387,3 +387,19 @@ def test_triton_kernel_matches_reference(D):
     sel_gpu = K.routed_topk(q, w, k, head_idx, qpos, 32, scale, kernel="auto")
     sel_cpu = K.routed_topk_torch(q.cpu(), w.cpu(), k.cpu(), head_idx.cpu(), qpos.cpu(), 32, scale)
     assert K.recall(sel_gpu.cpu(), sel_cpu, qpos.cpu()) > 0.999
+
+
+@pytest.mark.skipif(not K.TRITON_INTERPRETED, reason="needs triton with TRITON_INTERPRET=1 (tests/conftest.py sets "
+                    "it; the test extra installs triton)")
+def test_triton_wrapper_output_is_float32_whatever_the_default_dtype():
+    """The kernel writes float32 scores: the wrapper's output buffer is float32 also when torch's default dtype is
+    float64 (torch.set_default_dtype)."""
+    q, w, k, qpos = _rand(S=8, T=8, H=2, D=16)
+    want = K.routed_scores_triton(q, w, k, None, qpos, 1.0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = K.routed_scores_triton(q, w, k, None, qpos, 1.0)
+    finally:
+        torch.set_default_dtype(old)
+    assert got.dtype == torch.float32 and torch.equal(got, want)

@@ -55,12 +55,7 @@ def meta_default():
     assert watch.made == [], f"tensors made on the default device by: {sorted(set(watch.made))}"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _left_padded(g, lengths, T):

@@ -28,12 +28,7 @@ ACTS = ("skip", "execute", "repeat")
 _CODE = {"skip": "s", "execute": "e", "repeat": "r"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _code(p):

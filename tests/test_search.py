@@ -25,13 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 ACTS = ("skip", "execute", "repeat")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # one thread: on a shared 2-core machine, two torch threads contend and run tiny models 30x slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

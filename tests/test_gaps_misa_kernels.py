@@ -28,8 +28,9 @@ def test_mask_info_reads_bool_and_additive_masks_of_every_dtype():
     fm = torch.finfo(torch.float32).min
     m = torch.tensor([
         [[0.0, fm, fm, fm], [0.0, 0.0, fm, fm], [0.0, 0.0, 0.0, fm]],  # causal
-        # a query that sees nothing; the cut is half of the dtype's most negative value: at or below is masked
-        [[fm, fm, fm, fm], [fm / 2, 0.4 * fm, fm, 0.0], [fm, -1e30, fm, fm]],
+        # a query that sees nothing; hand-made masks (-1e9, -1e4, -inf) hide their keys too; at or below -1e3 is
+        # masked, a small bias (-999, -3) is visible
+        [[fm, fm, fm, fm], [-1e9, -999.0, fm, 0.0], [-1e4, -3.0, float("-inf"), -1e3]],
     ])
     valid, qpos, key_valid = K.mask_info(m)
     assert torch.equal(valid, torch.tensor([
@@ -37,6 +38,10 @@ def test_mask_info_reads_bool_and_additive_masks_of_every_dtype():
         [[False, False, False, False], [False, True, False, True], [False, True, False, False]]]))
     assert qpos.dtype == torch.long and torch.equal(qpos, torch.tensor([[0, 1, 2], [-1, 3, 1]]))
     assert torch.equal(key_valid, torch.tensor([[True, True, True, False], [False, True, False, True]]))
+    # a causal -1e9 mask, as people build it by hand: the same selection as transformers' own
+    hand = torch.triu(torch.full((4, 4), -1e9), 1)
+    assert torch.equal(K.mask_info(hand)[1], torch.arange(4))
+    assert torch.equal(K.mask_info(torch.tensor([[-1e4, 0.0]], dtype=torch.bfloat16))[0], torch.tensor([[False, True]]))
     # half-precision masks are built with their own dtype's minimum (float16's is only -65504)
     want_valid = torch.tensor([[True, False, False], [False, False, False], [True, True, False]])
     for dt in (torch.float16, torch.bfloat16, torch.float64):

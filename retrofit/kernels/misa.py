@@ -83,13 +83,19 @@ __all__ = [
 # ----------------------------------------------------------------------------------------------------------
 # masks, routing
 # ----------------------------------------------------------------------------------------------------------
+# an additive mask entry at or below this hides its key: transformers fills with the dtype's minimum or -inf,
+# hand-made masks often with -1e4 or -1e9 (-1e4 in bfloat16 is -9984); a visible entry is 0 (or a small bias)
+MASKED_AT = -1e3
+
+
 def mask_info(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """From a ``[..., S, T]`` attention mask (bool: True = visible; float: additive, 0 = visible) return
-    ``(valid [..., S, T] bool, qpos [..., S] long = last visible key or -1, key_valid [..., T] bool)``."""
+    """From a ``[..., S, T]`` attention mask (bool: True = visible; float: additive, 0 = visible, ``<= MASKED_AT``
+    hidden) return ``(valid [..., S, T] bool, qpos [..., S] long = last visible key or -1, key_valid [..., T]
+    bool)``."""
     if mask.dtype == torch.bool:
         valid = mask
     else:
-        valid = mask > torch.finfo(mask.dtype).min / 2
+        valid = mask > MASKED_AT
     T = valid.shape[-1]
     ar = torch.arange(T, device=valid.device)
     last = torch.where(valid, ar, torch.full_like(ar, -1)).amax(-1)

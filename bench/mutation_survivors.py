@@ -7,8 +7,11 @@ Run it in the folder where ``mutmut run`` ran (it reads ``mutants/`` and ``pypro
 
 A mutant counts as *equivalent* only through one of the rules below, each a statement about the code that can
 be checked by reading the diff: a rule names the functions where it holds (for example "the tensor is 2-D
-there, so dim=+1 is dim=-1") and matches nothing else. Everything no rule explains is listed as a gap, with its
-diff, so the next test written can aim at it. ``mutation_check.py --survivors`` records the summary.
+there, so dim=+1 is dim=-1") and matches nothing else, or through an entry of ``bench/mutation_equivalent/*.json``
+(one line of one function, before and after, with the argument). *GPU only*: a mutant whose change shows only
+where tensors live on another device than the CPU (a ``device=`` argument, a copy to the CPU); tests under another
+default device kill most of them. Everything else is listed as a gap, with its diff, so the next test written can
+aim at it. ``mutation_check.py --survivors`` records the summary.
 """
 
 from __future__ import annotations

@@ -15,7 +15,8 @@ Run it in the folder where ``mutmut run`` ran, after copying the current tests i
     cd <checkout> && .venv/bin/python bench/mutation_rerun.py --kills bench/results/mutation_kills.json \\
         --out bench/results/mutation_rerun.json --apply
 
-then ``mutmut export-cicd-stats`` and ``bench/mutation_survivors.py`` as usual.
+then ``mutmut export-cicd-stats`` and ``bench/mutation_survivors.py`` as usual. A run over some mutants only
+(``--kills`` with part of the map) updates their entries in an existing ``--out`` file.
 """
 
 from __future__ import annotations
@@ -93,16 +94,18 @@ def main():
         for m, r in results.items():
             if r["killed"]:
                 per_file[_module_of(m)].append(m)
-        cwd = Path.cwd()
         for src, names in per_file.items():
             data = SourceFileMutationData(path=src)
-            os.chdir(cwd)
             data.load()
             for m in names:
                 if m not in data.exit_code_by_key:
                     raise SystemExit(f"{m} is not a mutant of {src} in {root}: re-generate mutants first")
                 data.exit_code_by_key[m] = results[m]["exit_code"]
             data.save()
+    # a re-run of some mutants updates their entries in an existing --out; the others stay as they were
+    if args.out.exists():
+        results = {**json.loads(args.out.read_text()).get("results", {}), **results}
+    results = dict(sorted(results.items()))
     summary = {"mutants": len(results), "killed": sum(r["killed"] for r in results.values()),
                "not_killed": sorted(m for m, r in results.items() if not r["killed"]), "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -159,10 +159,11 @@ def distill_texts(source: str, data: str | Path | None = None) -> list[str]:
     raise ValueError(f"unknown distillation source {source!r}")
 
 
-def distill_sequences(tokenizer, cfg: DistillConfig, n: int, data: str | Path | None = None) -> torch.Tensor:
+def distill_sequences(tokenizer, cfg: DistillConfig, n: int, data: str | Path | None = None,
+                      return_sources: bool = False):
     """[n, seq_len] token sequences: each source's documents (shuffled by ``seed``, EOS-separated) packed into
     ``seq_len`` windows, the sources interleaved round-robin (equal shares while each lasts; a short source
-    such as FLORES runs out and the others fill in)."""
+    such as FLORES runs out and the others fill in). ``return_sources``: also the source of every window."""
     eos = tokenizer.eos_token_id
     g = torch.Generator().manual_seed(cfg.seed)
     streams = []
@@ -183,12 +184,14 @@ def distill_sequences(tokenizer, cfg: DistillConfig, n: int, data: str | Path | 
             if len(out) >= per:
                 break
         chunks.append(out)
-    seqs = []
+    seqs, names = [], []
     for i in range(max(len(c) for c in chunks)):
         seqs += [c[i] for c in chunks if i < len(c)]
+        names += [s for s, c in zip(cfg.sources, chunks) if i < len(c)]
     if len(seqs) < n:
         raise ValueError(f"distillation text yields only {len(seqs)} sequences of {cfg.seq_len} tokens, need {n}")
-    return torch.stack(seqs[:n])
+    out = torch.stack(seqs[:n])
+    return (out, names[:n]) if return_sources else out
 
 
 # ------------------------------------------------------------------------------------------------ training

@@ -127,6 +127,47 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"{len(recs)} examples -> {out}")
         typer.echo(format_summary(summarize(recs)))
 
+    @app.command("search-text")
+    def search_text(
+        out: Path = typer.Option(..., help="JSONL (.gz) of text records for `retrofit train --target task`"),
+        model: str = typer.Option("default"),
+        windows: int = typer.Option(96, min=1, help="text windows to score"),
+        seq_len: int = typer.Option(128, min=2, help="tokens per window"),
+        sources: list[str] = typer.Option(None, "--source", help="text sources (repeatable; default: GSM8K train "
+                                          "solutions, BoolQ passages, FLORES English train, the Shakespeare head)"),
+        task: str = typer.Option("source", help="the records' task: 'source' (each text source is a task of its "
+                                 "own, so routers can tell prose from worked solutions) or one name for all"),
+        seed: int = typer.Option(1),
+        threads: int = typer.Option(0, help="torch threads (0 = torch default)"),
+    ):
+        """Score every single-layer skip on running text: how much each skipped layer raises the next-token loss.
+        The records teach task routers (`retrofit train --target task`) which layers text can spare."""
+        from retrofit.models import load_model
+        from retrofit.moe.distill import DEFAULT_SOURCES, SOURCES
+
+        from .lm import lm_records, text_windows, write_lm_records
+
+        _setup(threads)
+        srcs = tuple(sources or DEFAULT_SOURCES)
+        bad = [s for s in srcs if s not in SOURCES]
+        if bad:
+            raise typer.BadParameter(f"unknown text source(s) {bad}; use some of {sorted(SOURCES)}")
+        if out.exists():
+            raise typer.BadParameter(f"{out} exists; delete it or choose another --out")
+        m, tok = load_model(model)
+        try:
+            ids, names = text_windows(tok, srcs, windows, seq_len=seq_len, seed=seed)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        recs = lm_records(m, tok, ids, task=names if task == "source" else task)
+        write_lm_records(recs, out)
+        import torch
+
+        inc = torch.tensor([r["layer_loss_increase"] for r in recs]).mean(0)
+        typer.echo(f"{len(recs)} windows of {seq_len} tokens -> {out}")
+        typer.echo("safest layers to skip (mean loss increase): " + ", ".join(
+            f"{i} ({float(inc[i]):.3f})" for i in inc.argsort()[:8].tolist()))
+
     @app.command("search-repair")
     def search_repair(path: Path = typer.Argument(..., help="a search JSONL")):
         """Drop the damaged lines (not JSON, not a record, a torn last line) of a search JSONL, keeping them in

@@ -25,7 +25,9 @@ def register(app: typer.Typer) -> None:
         seed: int = typer.Option(0),
         target: str = typer.Option(TrainConfig.target, help="'shortest': the search's shortest rewarded plan (the "
                                    "paper); 'soft': per layer, the share of the search's rewarded plans per action; "
-                                   "'safety': per layer, how often the search's plans that skip it were rewarded"),
+                                   "'safety': per layer, how often the search's plans that skip it were rewarded; "
+                                   "'task': routers that tell the tasks of the files apart and skip each task's "
+                                   "safest layers (mix search files with `retrofit search-text` records)"),
         unlabeled: str = typer.Option(TrainConfig.unlabeled, help="questions with no rewarded plan: 'drop' (the "
                                       "paper) or 'execute' (taught the all-execute plan)"),
         shrink: float = typer.Option(TrainConfig.shrink, help="after training, scale each router's per-question "
@@ -61,6 +63,18 @@ def register(app: typer.Typer) -> None:
                                       resume=resume)
         except CheckpointError as e:
             raise typer.BadParameter(str(e)) from None
+        if target == "task":
+            typer.echo(f"task routers for {rep['task_examples']}; gate accuracy on held-out records per layer: "
+                       f"min {min((a for a in rep['gate_val_accuracy'] if a is not None), default=float('nan')):.3f}; "
+                       f"{rep['plans_equal_task_center']:.3f} of the training prompts get their task's plan")
+            for t, order in rep["task_orders"].items():
+                typer.echo(f"  {t}: safest layers {order[:8]}")
+            if rep.get("calibrated"):
+                c = rep["calibrated"]
+                typer.echo(f"default skip_bias {c['skip_bias']:.3f}: layer fraction {c['layer_fraction']:.3f} on "
+                           "the training prompts")
+            typer.echo(f"routers saved to {out}")
+            return
         if rep["resumed_from_epoch"]:
             typer.echo(f"resumed from the checkpoint after epoch {rep['resumed_from_epoch']}")
         last = rep["history"][-1]

@@ -24,7 +24,7 @@ from retrofit.core.data import read_searches  # noqa: F401  (public here too)
 from retrofit.core.plans import ACTIONS
 
 
-TARGETS = ("shortest", "soft", "safety")
+TARGETS = ("shortest", "soft", "safety", "task")
 
 
 @dataclass
@@ -43,7 +43,10 @@ class TrainConfig:
     # "shortest": the label is the search's shortest rewarded plan (the paper). "soft": each layer's target is the
     # share of the search's rewarded plans taking each action (records of `retrofit search` keep them all), so a
     # layer that only one of several good plans skips is not taught as "skip". "safety": each layer's skip target
-    # is how often the search's plans that skip it were rewarded (see `safety_targets`).
+    # is how often the search's plans that skip it were rewarded (see `safety_targets`). "task": no gradient
+    # training; each router becomes a gate between per-task centres (`task_gate_routers`): the routers read which
+    # kind of input they see (a multiple-choice question, running text, ...) and skip that kind's safest layers
+    # (`task_orders`), not a per-question choice, which the prompt does not predict on SmolLM2 (docs/drllm.md)
     target: str = "shortest"
     # questions whose search found no rewarded plan: "drop" (the paper) or "execute" (taught the all-execute plan,
     # so the routers also see the questions on which skipping fails)
@@ -135,6 +138,138 @@ def safety_targets(record: dict, L: int, strength: float = 2.0) -> torch.Tensor:
         s_i = (sum(p in good for p in tried) + strength * m) / (len(tried) + strength)
         out[i, 0], out[i, 1] = s_i, 1 - s_i
     return out
+
+
+def task_orders(records: list[dict], L: int) -> dict[str, list[int]]:
+    """Per task (``record["task"]``), its layers from the safest to skip to the least safe. Text records
+    (:mod:`retrofit.search.lm`, with ``layer_loss_increase``) rank the layers by their mean loss increase; search
+    records by the share of their labels (``plan``) that skip the layer, ties toward the lower layer, as
+    :func:`label_center` (the labels' voted order). A task mixing both kinds is refused."""
+    groups: dict[str, list[dict]] = {}
+    for r in records:
+        groups.setdefault(str(r.get("task", "default")), []).append(r)
+    orders = {}
+    for task, recs in groups.items():
+        lm = [r for r in recs if "layer_loss_increase" in r]
+        if lm and len(lm) != len(recs):
+            raise ValueError(f"task {task!r} mixes text records (layer_loss_increase) and search records; give "
+                             "the text records a task name of their own")
+        if lm:
+            inc = torch.tensor([r["layer_loss_increase"] for r in lm], dtype=torch.float64)
+            if inc.shape[1] != L:
+                raise ValueError(f"task {task!r}: text records hold {inc.shape[1]} layers, the model {L}")
+            key = inc.mean(0)
+        else:
+            key = -label_center(recs, L)[:, 0].double()  # log skip share, minus 1e-4 per layer: ties -> lower
+        orders[task] = sorted(range(L), key=lambda i: (float(key[i]), i))
+    return orders
+
+
+def task_centers(records: list[dict], L: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(task names, centre logits [K, L, 3], the task of every record [N]). A task's centre ranks its layers
+    (:func:`task_orders`): skip logit ``-rank``, execute 0, repeat ``-L``, so at ``skip_bias`` b a router that
+    reads the centre skips exactly the task's ``ceil(b)`` safest layers (b in (k - 1, k] skips k), the same
+    count in every task. The most frequent task comes first (the routers' reference, see
+    :func:`task_gate_routers`)."""
+    orders = task_orders(records, L)
+    counts: dict[str, int] = {}
+    for r in records:
+        t = str(r.get("task", "default"))
+        counts[t] = counts.get(t, 0) + 1
+    names = sorted(orders, key=lambda t: (-counts[t], t))
+    centers = torch.zeros(len(names), L, 3)
+    for k, t in enumerate(names):
+        for rank, layer in enumerate(orders[t]):
+            centers[k, layer, 0] = -float(rank)
+        centers[k, :, 2] = -float(L)
+    idx = torch.tensor([names.index(str(r.get("task", "default"))) for r in records])
+    return names, centers, idx
+
+
+@torch.no_grad()
+def task_gate_routers(routers, features: torch.Tensor, valid: torch.Tensor, task_idx: torch.Tensor,
+                      centers: torch.Tensor, l2: float = 1e-3, steps: int = 200, margin: float = 12.0,
+                      val_fraction: float = 0.1, seed: int = 0) -> dict:
+    """Set every router, in place, to the centre of the task its input looks like.
+
+    Router i becomes ``c_0 + sum_k (c_k - c_0) g_k(x)`` with ``c_k`` the task centres [K, L, 3]
+    (:func:`task_centers`; task 0 the reference) and ``g_k`` a gate in (0, 1): a one-vs-rest logistic regression
+    (L2 ``l2``, balanced classes, on the window means of the layer's input) scaled so that 99 % of the
+    training windows lie ``margin`` logits or more from its boundary, passed through ``GELU(z + 1) - GELU(z)``, a smooth step from 0 to 1 that two fc1 units make; fc2
+    holds the centre differences. A window's gate is averaged over the valid windows like every router's hidden
+    units. An input classified with confidence therefore gets its task's centre exactly, whatever the budget;
+    the classifiers' accuracy on held-out records (``val_fraction`` of each task) is reported per layer.
+    Needs a bottleneck of at least 2 (K - 1) units; the other units are zeroed."""
+    F = torch.nn.functional
+    K = centers.shape[0]
+    L = len(routers.router)
+    b = routers[0].fc1.out_features
+    if 2 * (K - 1) > b:
+        raise ValueError(f"{K} tasks need a router bottleneck of at least {2 * (K - 1)}, the routers have {b}")
+    g = torch.Generator().manual_seed(seed)
+    held = torch.zeros(len(task_idx), dtype=torch.bool)
+    for k in range(K):  # the same share of every task is held out
+        ids = (task_idx == k).nonzero().flatten()
+        ids = ids[torch.randperm(len(ids), generator=g)]
+        held[ids[:int(round(len(ids) * val_fraction))] if len(ids) >= 10 else ids[:0]] = True
+    report = {"val_accuracy": [], "train_accuracy": []}
+    for i, r in enumerate(routers.router):
+        X = features[:, i].float()  # [N, W, d]
+        V = valid[:, i]
+        w1 = torch.zeros_like(r.fc1.weight)
+        b1 = torch.zeros_like(r.fc1.bias)
+        w2 = torch.zeros_like(r.fc2.weight)
+        accs_tr, accs_va = [], []
+        for k in range(1, K):
+            rows = V & ~held.unsqueeze(1)  # training windows
+            x, y = X[rows], (task_idx.unsqueeze(1).expand_as(V)[rows] == k).float()
+            mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
+            w = torch.zeros(x.shape[1], requires_grad=True)
+            c = torch.zeros(1, requires_grad=True)
+            pos = y.mean().clamp(1e-3, 1 - 1e-3)
+            wt = torch.where(y > 0, 0.5 / pos, 0.5 / (1 - pos))  # balanced classes
+            opt = torch.optim.LBFGS([w, c], max_iter=steps, line_search_fn="strong_wolfe")
+            xs = (x - mu) / sd
+
+            def closure():
+                opt.zero_grad()
+                with torch.enable_grad():
+                    z = xs @ w + c
+                    loss = (F.binary_cross_entropy_with_logits(z, y, weight=wt) + l2 * (w * w).sum())
+                    loss.backward()
+                return loss
+            with torch.enable_grad():
+                opt.step(closure)
+            w, c = w.detach() / sd, c.detach() - (w.detach() / sd) @ mu  # back to raw features
+            z = x @ w + c
+            # scale so that the training windows' logits clear the step: |z| >= margin for 99 % of them. GELU dips
+            # below 0 on (-4, 0), so a window a few logits on the "no" side would still nudge the logits: far
+            # enough out, GELU(z + 1) - GELU(z) is 0 to 1e-30
+            q = torch.quantile(z.abs(), 0.01).clamp(min=1e-3)
+            scale = margin / float(q)
+            w, c = w * scale, c * scale
+            u = 2 * (k - 1)
+            w1[u], b1[u] = w, c + 1.0
+            w1[u + 1], b1[u + 1] = w, c
+            diff = centers[k, i] - centers[0, i]
+            w2[:, u], w2[:, u + 1] = diff, -diff
+
+            def acc(mask):
+                rows = V & mask.unsqueeze(1)
+                if not bool(rows.any()):
+                    return None
+                zz = X[rows] @ w + c
+                yy = task_idx.unsqueeze(1).expand_as(V)[rows] == k
+                return float(((zz > 0) == yy).float().mean())
+            accs_tr.append(acc(~held))
+            accs_va.append(acc(held))
+        r.fc1.weight.copy_(w1)
+        r.fc1.bias.copy_(b1)
+        r.fc2.weight.copy_(w2)
+        r.fc2.bias.copy_(centers[0, i])
+        report["train_accuracy"].append(min((a for a in accs_tr if a is not None), default=None))
+        report["val_accuracy"].append(min((a for a in accs_va if a is not None), default=None))
+    return report
 
 
 def soft_targets(record: dict, L: int) -> torch.Tensor:
@@ -435,26 +570,30 @@ def train_from_searches(model, tokenizer, search_files, out_dir, cfg: TrainConfi
     try:
         # teacher forcing: the blocks run by the label plan (the paper); safety targets are per-layer marginals over
         # many plans, not one plan's decisions, so their features are read under the all-execute plan
-        forced = kept if cfg.target != "safety" else [{**r, "plan": ["execute"] * len(r["plan"])} for r in kept]
+        forced = kept if cfg.target not in ("safety", "task") else [
+            {**r, "plan": ["execute"] * len(r["plan"])} for r in kept]
         feats, valid, labels = collect(handle, tokenizer, forced, progress)
         if labels.shape[1] != handle.num_layers:
             raise ValueError(f"the searched plans have {labels.shape[1]} layers, the model {handle.num_layers}")
-        if cfg.target != "shortest":
-            fn = soft_targets if cfg.target == "soft" else safety_targets
-            labels = torch.stack([fn(r, handle.num_layers) for r in kept]).to(labels.device)
-        ckpt = Path(out_dir) / CHECKPOINT_NAME
-        ckpt.parent.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            ckpt.unlink(missing_ok=True)
-        center = label_center(kept, handle.num_layers) if cfg.center == "labels" else None
-        report = train_routers(handle, feats, valid, labels, cfg, progress, checkpoint=ckpt, stop_after=stop_after,
-                               center=center)
-        if report.get("interrupted"):
-            return report  # stopped on purpose (a simulated kill): the checkpoint stays, nothing saved
+        if cfg.target == "task":
+            report = _train_task_gate(handle, feats, valid, kept, cfg)
+        else:
+            if cfg.target != "shortest":
+                fn = soft_targets if cfg.target == "soft" else safety_targets
+                labels = torch.stack([fn(r, handle.num_layers) for r in kept]).to(labels.device)
+            ckpt = Path(out_dir) / CHECKPOINT_NAME
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            if not resume:
+                ckpt.unlink(missing_ok=True)
+            center = label_center(kept, handle.num_layers) if cfg.center == "labels" else None
+            report = train_routers(handle, feats, valid, labels, cfg, progress, checkpoint=ckpt,
+                                   stop_after=stop_after, center=center)
+            if report.get("interrupted"):
+                return report  # stopped on purpose (a simulated kill): the checkpoint stays, nothing saved
         report["search_files"] = [str(p) for p in search_files]
         report["records_read"] = len(records)
         handle.save(out_dir)
-        ckpt.unlink(missing_ok=True)
+        (Path(out_dir) / CHECKPOINT_NAME).unlink(missing_ok=True)
     finally:
         handle.detach()
     if fingerprint(model) != before:
@@ -462,3 +601,40 @@ def train_from_searches(model, tokenizer, search_files, out_dir, cfg: TrainConfi
                            "but the model object is no longer the base model: reload it")
     Path(out_dir, "training_report.json").write_text(json.dumps(report, indent=2))
     return report
+
+
+def _train_task_gate(handle, feats, valid, records, cfg: TrainConfig) -> dict:
+    """``target="task"``: routers built in closed form (:func:`task_gate_routers`), then calibrated."""
+    L = handle.num_layers
+    names, centers, idx = task_centers(records, L)
+    if handle.routers is None:
+        handle.init_routers(seed=cfg.seed)
+    routers = handle.routers.to(feats.device).eval().requires_grad_(False)
+    gate = task_gate_routers(routers, feats, valid, idx.to(feats.device), centers.to(feats.device),
+                             val_fraction=cfg.val_fraction, seed=cfg.seed)
+    calibrated = None
+    with torch.no_grad():
+        raw = routers(feats, valid)
+    if cfg.layer_fraction is not None:
+        b, _ = calibrate_skip_bias(routers, feats, valid, cfg.layer_fraction)
+        # the centres' skip logits are -rank: the bisection stops on the edge b = k of the interval (k - 1, k]
+        # that skips k layers; its middle is as far as can be from both neighbours
+        b = math.ceil(b - 1e-6) - 0.5
+        handle.config.skip_bias = b
+        a = (raw + torch.tensor([b, 0.0, 0.0], device=raw.device)).argmax(-1)
+        calibrated = {"skip_bias": b,
+                      "layer_fraction": (int((a == 1).sum()) + 2 * int((a == 2).sum())) / a.numel()}
+    with torch.no_grad():
+        pred = (raw + torch.tensor([handle.config.skip_bias, 0.0, 0.0], device=raw.device)).argmax(-1)
+        want = (centers[idx] + torch.tensor([handle.config.skip_bias, 0.0, 0.0])).argmax(-1).to(pred.device)
+    orders = task_orders(records, L)
+    return {
+        "calibrated": calibrated, "config": asdict(cfg), "examples": len(records), "tasks": names,
+        "task_examples": {t: int((idx == k).sum()) for k, t in enumerate(names)},
+        "task_orders": {t: orders[t] for t in names},
+        "gate_train_accuracy": gate["train_accuracy"], "gate_val_accuracy": gate["val_accuracy"],
+        "plans_equal_task_center": float((pred == want).all(-1).float().mean()),
+        "predicted_layer_fraction": float(((pred == 1).sum() + 2 * (pred == 2).sum()) / pred.numel()),
+        "train_examples": len(records), "val_examples": 0, "history": [],
+        "label_layer_fraction": float(((want == 1).sum() + 2 * (want == 2).sum()) / want.numel()),
+    }

@@ -154,7 +154,7 @@ def test_task_routers_skip_each_kind_of_input_its_own_layers(tmp_path):
             ids = torch.randint(lo, hi, (1, 12), generator=g)
             model(input_ids=ids, use_cache=False)
             plan = h.last_plans[0]
-            assert [i for i, a in enumerate(plan) if a == "skip"] == [want], (first, plan)
+            assert [i for i, a in enumerate(plan) if a == "skip"] == [want], (lo, plan)
     finally:
         h.detach()
 

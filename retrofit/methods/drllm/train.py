@@ -202,7 +202,6 @@ def task_gate_routers(routers, features: torch.Tensor, valid: torch.Tensor, task
     Needs a bottleneck of at least 2 (K - 1) units; the other units are zeroed."""
     F = torch.nn.functional
     K = centers.shape[0]
-    L = len(routers.router)
     b = routers[0].fc1.out_features
     if 2 * (K - 1) > b:
         raise ValueError(f"{K} tasks need a router bottleneck of at least {2 * (K - 1)}, the routers have {b}")

@@ -229,6 +229,10 @@ def test_layer_fraction_calibrates_the_artifacts_skip_bias(tmp_path):
         got = float(((a == 1).sum() + 2 * (a == 2).sum()) / a.numel())
         assert got == pytest.approx(reached) and got >= target
         assert got - target < 0.05  # 240 decisions: the bisection stops within a few decisions of the target
+        # the bias sits inside its plateau, not on its edge: a small step either way keeps the decisions
+        for step in (-1e-3, 1e-3):
+            a2 = (bank(feats, valid) + torch.tensor([b + step, 0.0, 0.0])).argmax(-1)
+            assert torch.equal(a2, a)
     with pytest.raises(ValueError, match="layer fraction"):
         calibrate_skip_bias(bank, feats, valid, 2.5)
 

@@ -63,26 +63,22 @@ def register(app: typer.Typer) -> None:
                                       resume=resume)
         except CheckpointError as e:
             raise typer.BadParameter(str(e)) from None
-        if target == "task":
-            typer.echo(f"task routers for {rep['task_examples']}; gate accuracy on held-out records per layer: "
-                       f"min {min((a for a in rep['gate_val_accuracy'] if a is not None), default=float('nan')):.3f}; "
-                       f"{rep['plans_equal_task_center']:.3f} of the training prompts get their task's plan")
-            for t, order in rep["task_orders"].items():
-                typer.echo(f"  {t}: safest layers {order[:8]}")
-            if rep.get("calibrated"):
-                c = rep["calibrated"]
-                typer.echo(f"default skip_bias {c['skip_bias']:.3f}: layer fraction {c['layer_fraction']:.3f} on "
-                           "the training prompts")
-            typer.echo(f"routers saved to {out}")
-            return
         if rep["resumed_from_epoch"]:
             typer.echo(f"resumed from the checkpoint after epoch {rep['resumed_from_epoch']}")
-        last = rep["history"][-1]
-        typer.echo(f"trained on {rep['train_examples']} examples ({rep['val_examples']} validation), "
-                   f"{len(rep['history'])} epochs; best epoch {rep['best_epoch']}; "
-                   f"final train loss {last['train_loss']:.4f}, val loss {last['val_loss']}; "
-                   f"predicted layer fraction {rep['predicted_layer_fraction']:.3f} "
-                   f"(labels {rep['label_layer_fraction']:.3f})")
+        if target == "task":
+            held = [a for a in rep["gate_val_accuracy"] if a is not None]
+            typer.echo(f"task routers for {rep['task_examples']}; gate accuracy on held-out records per layer: "
+                       f"min {min(held, default=float('nan')):.3f}; {rep['plans_equal_task_center']:.3f} of the "
+                       "training prompts get their task's plan")
+            for t, order in rep["task_orders"].items():
+                typer.echo(f"  {t}: safest layers {order[:8]}")
+        else:
+            last = rep["history"][-1]
+            typer.echo(f"trained on {rep['train_examples']} examples ({rep['val_examples']} validation), "
+                       f"{len(rep['history'])} epochs; best epoch {rep['best_epoch']}; "
+                       f"final train loss {last['train_loss']:.4f}, val loss {last['val_loss']}; "
+                       f"predicted layer fraction {rep['predicted_layer_fraction']:.3f} "
+                       f"(labels {rep['label_layer_fraction']:.3f})")
         if rep.get("calibrated"):
             c = rep["calibrated"]
             typer.echo(f"default skip_bias {c['skip_bias']:.3f}: layer fraction {c['layer_fraction']:.3f} on the "

@@ -212,23 +212,26 @@ def task_gate_routers(routers, features: torch.Tensor, valid: torch.Tensor, task
         ids = ids[torch.randperm(len(ids), generator=g)]
         held[ids[:int(round(len(ids) * val_fraction))] if len(ids) >= 10 else ids[:0]] = True
     report = {"val_accuracy": [], "train_accuracy": []}
+    held = held.to(task_idx.device)
     for i, r in enumerate(routers.router):
         X = features[:, i].float()  # [N, W, d]
         V = valid[:, i]
+        window_task = task_idx.unsqueeze(1).expand_as(V)
+        train_rows = V & ~held.unsqueeze(1)  # the training windows
+        x = X[train_rows]
+        mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
+        xs = (x - mu) / sd
         w1 = torch.zeros_like(r.fc1.weight)
         b1 = torch.zeros_like(r.fc1.bias)
         w2 = torch.zeros_like(r.fc2.weight)
         accs_tr, accs_va = [], []
         for k in range(1, K):
-            rows = V & ~held.unsqueeze(1)  # training windows
-            x, y = X[rows], (task_idx.unsqueeze(1).expand_as(V)[rows] == k).float()
-            mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
+            y = (window_task[train_rows] == k).float()
             w = torch.zeros(x.shape[1], requires_grad=True)
             c = torch.zeros(1, requires_grad=True)
             pos = y.mean().clamp(1e-3, 1 - 1e-3)
             wt = torch.where(y > 0, 0.5 / pos, 0.5 / (1 - pos))  # balanced classes
             opt = torch.optim.LBFGS([w, c], max_iter=steps, line_search_fn="strong_wolfe")
-            xs = (x - mu) / sd
 
             def closure():
                 opt.zero_grad()
@@ -257,9 +260,7 @@ def task_gate_routers(routers, features: torch.Tensor, valid: torch.Tensor, task
                 rows = V & mask.unsqueeze(1)
                 if not bool(rows.any()):
                     return None
-                zz = X[rows] @ w + c
-                yy = task_idx.unsqueeze(1).expand_as(V)[rows] == k
-                return float(((zz > 0) == yy).float().mean())
+                return float((((X[rows] @ w + c) > 0) == (window_task[rows] == k)).float().mean())
             accs_tr.append(acc(~held))
             accs_va.append(acc(held))
         r.fc1.weight.copy_(w1)
@@ -511,16 +512,24 @@ def label_center(records: list[dict], L: int) -> torch.Tensor:
     return c
 
 
+def passes_fraction(actions: torch.Tensor) -> float:
+    """Share of the block passes that actions (0 skip, 1 execute, 2 repeat) run: repeat counts 2."""
+    return (int((actions == 1).sum()) + 2 * int((actions == 2).sum())) / actions.numel()
+
+
 @torch.no_grad()
 def calibrate_skip_bias(routers, features: torch.Tensor, valid: torch.Tensor, layer_fraction: float,
-                        repeat_bias: float = 0.0) -> tuple[float, float]:
-    """The skip_bias at which the routers execute ``layer_fraction`` of the block passes on ``features``
-    (bisection; the share falls as the bias grows). Returns (skip_bias, the share reached there)."""
-    logits = routers(features, valid)  # [N, L, 3]
+                        repeat_bias: float = 0.0, logits: torch.Tensor | None = None) -> tuple[float, float]:
+    """A skip_bias at which the routers execute ``layer_fraction`` of the block passes on ``features``, or the
+    nearest share above it. The decisions change only at a few biases; of the interval of biases that all give
+    the share reached, the middle is returned, as far as can be from the decisions of both neighbours (routers
+    whose skip logits are a layer order one apart, as task routers', get k - 0.5 for k skips). ``logits``: the
+    routers' logits on ``features`` when already computed. Returns (skip_bias, the share reached there)."""
+    if logits is None:
+        logits = routers(features, valid)  # [N, L, 3]
 
     def share(b: float) -> float:
-        a = (logits + torch.tensor([b, 0.0, repeat_bias], device=logits.device)).argmax(-1)
-        return (int((a == 1).sum()) + 2 * int((a == 2).sum())) / a.numel()  # exact: 27 of 30 is 0.9
+        return passes_fraction((logits + torch.tensor([b, 0.0, repeat_bias], device=logits.device)).argmax(-1))
 
     lo, hi = -50.0, 50.0  # share(lo) >= share(hi)
     if share(hi) > layer_fraction or share(lo) < layer_fraction:
@@ -532,7 +541,17 @@ def calibrate_skip_bias(routers, features: torch.Tensor, valid: torch.Tensor, la
             lo = mid
         else:
             hi = mid
-    return lo, share(lo)
+    reached = share(lo)
+    if share(-50.0) == reached:  # the plateau reaches the bottom of the range: one logit inside it
+        return lo - 1.0, reached
+    a, c = -50.0, lo  # share(a) > reached == share(c): where the plateau begins
+    for _ in range(60):
+        mid = (a + c) / 2
+        if share(mid) > reached:
+            a = mid
+        else:
+            c = mid
+    return (c + lo) / 2, reached
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -604,36 +623,30 @@ def train_from_searches(model, tokenizer, search_files, out_dir, cfg: TrainConfi
 
 def _train_task_gate(handle, feats, valid, records, cfg: TrainConfig) -> dict:
     """``target="task"``: routers built in closed form (:func:`task_gate_routers`), then calibrated."""
-    L = handle.num_layers
-    names, centers, idx = task_centers(records, L)
+    names, centers, idx = task_centers(records, handle.num_layers)
     if handle.routers is None:
         handle.init_routers(seed=cfg.seed)
     routers = handle.routers.to(feats.device).eval().requires_grad_(False)
     gate = task_gate_routers(routers, feats, valid, idx.to(feats.device), centers.to(feats.device),
                              val_fraction=cfg.val_fraction, seed=cfg.seed)
-    calibrated = None
     with torch.no_grad():
         raw = routers(feats, valid)
+    calibrated = None
     if cfg.layer_fraction is not None:
-        b, _ = calibrate_skip_bias(routers, feats, valid, cfg.layer_fraction)
-        # the centres' skip logits are -rank: the bisection stops on the edge b = k of the interval (k - 1, k]
-        # that skips k layers; its middle is as far as can be from both neighbours
-        b = math.ceil(b - 1e-6) - 0.5
+        b, reached = calibrate_skip_bias(routers, feats, valid, cfg.layer_fraction, logits=raw)
         handle.config.skip_bias = b
-        a = (raw + torch.tensor([b, 0.0, 0.0], device=raw.device)).argmax(-1)
-        calibrated = {"skip_bias": b,
-                      "layer_fraction": (int((a == 1).sum()) + 2 * int((a == 2).sum())) / a.numel()}
-    with torch.no_grad():
-        pred = (raw + torch.tensor([handle.config.skip_bias, 0.0, 0.0], device=raw.device)).argmax(-1)
-        want = (centers[idx] + torch.tensor([handle.config.skip_bias, 0.0, 0.0])).argmax(-1).to(pred.device)
-    orders = task_orders(records, L)
+        calibrated = {"skip_bias": b, "layer_fraction": reached}
+    bias = torch.tensor([handle.config.skip_bias, 0.0, 0.0])
+    pred = (raw + bias.to(raw.device)).argmax(-1)
+    want = (centers[idx] + bias).argmax(-1).to(pred.device)
     return {
         "calibrated": calibrated, "config": asdict(cfg), "examples": len(records), "tasks": names,
         "task_examples": {t: int((idx == k).sum()) for k, t in enumerate(names)},
-        "task_orders": {t: orders[t] for t in names},
+        # the centres' skip logits are -rank: the order is theirs, sorted
+        "task_orders": {t: centers[k, :, 0].argsort(descending=True, stable=True).tolist()
+                        for k, t in enumerate(names)},
         "gate_train_accuracy": gate["train_accuracy"], "gate_val_accuracy": gate["val_accuracy"],
         "plans_equal_task_center": float((pred == want).all(-1).float().mean()),
-        "predicted_layer_fraction": float(((pred == 1).sum() + 2 * (pred == 2).sum()) / pred.numel()),
-        "train_examples": len(records), "val_examples": 0, "history": [],
-        "label_layer_fraction": float(((want == 1).sum() + 2 * (want == 2).sum()) / want.numel()),
+        "predicted_layer_fraction": passes_fraction(pred), "label_layer_fraction": passes_fraction(want),
+        "train_examples": len(records), "val_examples": 0, "history": [], "resumed_from_epoch": 0,
     }

@@ -168,6 +168,48 @@ def register(app: typer.Typer) -> None:
         typer.echo("safest layers to skip (mean loss increase): " + ", ".join(
             f"{i} ({float(inc[i]):.3f})" for i in inc.argsort()[:8].tolist()))
 
+    @app.command("search-repeats")
+    def search_repeats(
+        task: str = typer.Option(..., help="multiple-choice task name (arc_easy, piqa, ...) or a .jsonl"),
+        out: Path = typer.Option(..., help="JSONL to append the probe to (resumes if it exists)"),
+        model: str = typer.Option("default"),
+        split: Optional[str] = typer.Option("train", help="data split (probe training data, never the test)"),
+        limit: Optional[int] = typer.Option(None, help="first N examples only"),
+        z: float = typer.Option(3.0, help="report: the paired standard errors a repeat's gain must clear"),
+        threads: int = typer.Option(1, help="torch CPU threads"),
+        device: str = typer.Option("cpu"),
+        progress: bool = typer.Option(True),
+    ):
+        """Score every single-layer repeat against the all-execute plan, question by question: which layers the
+        task gains from running twice. The probe feeds `retrofit train --target task --repeat-probes`."""
+        _setup(threads)
+        from retrofit.models import load_model
+
+        from .evaluator import PlanEvaluator
+        from .repeats import probe_repeats, repeat_layers
+        from .tasks import load_task
+
+        try:
+            if split == "test":
+                raise ValueError("--split test: probe training or validation data; the test split scores the result")
+            examples = load_task(task, split, limit)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        m, tok = load_model(model)
+        m.to(device)
+        ev = PlanEvaluator(m, tok)
+        try:
+            recs = probe_repeats(m, tok, examples, out, task=task, split=split, evaluator=ev, progress=progress)
+            rep = repeat_layers(recs, ev.L, z=z, max_repeats=ev.L, min_questions=2)
+        except ValueError as e:
+            raise typer.BadParameter(str(e)) from None
+        for t, v in rep.items():
+            top = sorted(range(ev.L), key=lambda i: -v["gain"][i])[:5]
+            typer.echo(f"{t}: {v['n']} questions; repeats clearing {z} standard errors: {v['layers'] or 'none'}")
+            typer.echo("  largest gains: " + ", ".join(
+                f"layer {i} {v['gain'][i]:+.3f} +- {v['se'][i]:.3f}" for i in top))
+        typer.echo(f"probe -> {out}")
+
     @app.command("search-repair")
     def search_repair(path: Path = typer.Argument(..., help="a search JSONL")):
         """Drop the damaged lines (not JSON, not a record, a torn last line) of a search JSONL, keeping them in

@@ -40,6 +40,13 @@ def register(app: typer.Typer) -> None:
                                              "so that the routers execute this share of the block passes on the "
                                              "training prompts (e.g. 0.9); default: skip_bias 0"),
         device: str = typer.Option("cpu", help="where features are collected and routers trained (cpu, cuda)"),
+        repeat_probes: list[str] = typer.Option(None, "--repeat-probes", help="--target task: files of `retrofit "
+                                                "search-repeats`; each task's centre repeats the layers whose repeat "
+                                                "raised its probed accuracy by more than --repeat-z standard errors"),
+        repeat_z: float = typer.Option(TrainConfig.repeat_z, help="--repeat-probes: the paired standard errors a "
+                                       "repeat's accuracy gain must clear"),
+        max_repeats: int = typer.Option(TrainConfig.max_repeats, help="--repeat-probes: most layers repeated per "
+                                        "task (single repeats are probed, not their combinations)"),
         resume: bool = typer.Option(True, "--resume/--no-resume", help="continue a killed run from OUT/"
                                     "training_checkpoint.pt (written every epoch); --no-resume starts over"),
     ):
@@ -47,21 +54,27 @@ def register(app: typer.Typer) -> None:
         from retrofit.core.data import read_searches
         from retrofit.methods.drllm.train import CheckpointError, train_from_searches
         from retrofit.models import load_model
+        from retrofit.search.repeats import read_probe
 
         files = sorted({f for pat in searches for f in (glob.glob(pat) or [pat])})
         try:
             cfg = TrainConfig(lr=lr, batch_size=batch_size, epochs=epochs, gamma=gamma, seed=seed, target=target,
                               unlabeled=unlabeled, shrink=shrink, layer_fraction=layer_fraction,
-                              center=center)
+                              center=center, repeat_z=repeat_z, max_repeats=max_repeats)
             read_searches(files)  # damaged lines / missing files named now, not after the model loads
+            probes = sorted({f for pat in repeat_probes or [] for f in (glob.glob(pat) or [pat])})
+            if probes and target != "task":
+                raise ValueError("--repeat-probes is read by --target task only")
+            for p in probes:
+                read_probe(p)
         except (ValueError, FileNotFoundError) as e:
             raise typer.BadParameter(str(e)) from None
         m, tok = load_model(model)
         m.to(device)
         try:
             rep = train_from_searches(m, tok, files, out, cfg, num_windows=windows, bottleneck=bottleneck,
-                                      resume=resume)
-        except CheckpointError as e:
+                                      resume=resume, repeat_probes=probes)
+        except (CheckpointError, ValueError) as e:
             raise typer.BadParameter(str(e)) from None
         if rep["resumed_from_epoch"]:
             typer.echo(f"resumed from the checkpoint after epoch {rep['resumed_from_epoch']}")
@@ -72,6 +85,10 @@ def register(app: typer.Typer) -> None:
                        "training prompts get their task's plan")
             for t, order in rep["task_orders"].items():
                 typer.echo(f"  {t}: safest layers {order[:8]}")
+            for t, v in rep["repeats"].items():
+                best = max(range(len(v["gain"])), key=lambda i: v["gain"][i] - repeat_z * v["se"][i])
+                typer.echo(f"  {t}: repeats {v['layers'] or 'none'} (best single repeat on {v['n']} probed questions: "
+                           f"layer {best}, {v['gain'][best]:+.3f} +- {v['se'][best]:.3f} accuracy)")
         else:
             last = rep["history"][-1]
             typer.echo(f"trained on {rep['train_examples']} examples ({rep['val_examples']} validation), "

@@ -65,6 +65,11 @@ class TrainConfig:
     # passes on the training prompts (features under the all-execute plan; exact for shrink 0, an estimate
     # otherwise: ``stats()`` reports the realised share). None keeps skip_bias 0 (the paper).
     layer_fraction: float | None = None
+    # target="task" with repeat probes (`retrofit search-repeats`): a task's centre repeats a layer whose single
+    # repeat raised the probed questions' accuracy by more than repeat_z paired standard errors (and their gold
+    # probability), at most max_repeats layers per task (`retrofit.search.repeats.repeat_layers`)
+    repeat_z: float = 3.0
+    max_repeats: int = 1
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -80,6 +85,7 @@ class TrainConfig:
             "beta": 0 <= self.beta < 1, "val_fraction": 0 <= self.val_fraction < 1, "patience": self.patience >= 1,
             "shrink": 0 <= self.shrink <= 1,
             "layer_fraction": self.layer_fraction is None or 0 < self.layer_fraction <= 2,
+            "repeat_z": self.repeat_z >= 0, "max_repeats": self.max_repeats >= 0,
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -165,13 +171,21 @@ def task_orders(records: list[dict], L: int) -> dict[str, list[int]]:
     return orders
 
 
-def task_centers(records: list[dict], L: int) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+def task_centers(records: list[dict], L: int, repeats: dict[str, list[int]] | None = None
+                 ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """(task names, centre logits [K, L, 3], the task of every record [N]). A task's centre ranks its layers
     (:func:`task_orders`): skip logit ``-rank``, execute 0, repeat ``-L``, so at ``skip_bias`` b a router that
     reads the centre skips exactly the task's ``ceil(b)`` safest layers (b in (k - 1, k] skips k), the same
-    count in every task. The most frequent task comes first (the routers' reference, see
-    :func:`task_gate_routers`)."""
+    count in every task. ``repeats`` names, per task, layers to run twice (:func:`retrofit.search.repeats.
+    repeat_layers`): their repeat logit is ``L / 2``, so they are repeated at every ``repeat_bias`` above
+    ``-L / 2`` and every budget short of ``skip_bias`` > rank + L / 2, and a router whose windows read partly
+    as another task (a gate average) keeps the repeat unless a third of them do. The most frequent task comes
+    first (the routers' reference, see :func:`task_gate_routers`)."""
     orders = task_orders(records, L)
+    unknown = sorted(set(repeats or {}) - set(orders))
+    if unknown:
+        raise ValueError(f"repeat layers for task(s) {unknown}, which no training record has (tasks: "
+                         f"{sorted(orders)}); probe the tasks the routers are trained on")
     counts: dict[str, int] = {}
     for r in records:
         t = str(r.get("task", "default"))
@@ -182,6 +196,10 @@ def task_centers(records: list[dict], L: int) -> tuple[list[str], torch.Tensor, 
         for rank, layer in enumerate(orders[t]):
             centers[k, layer, 0] = -float(rank)
         centers[k, :, 2] = -float(L)
+        for layer in (repeats or {}).get(t, []):
+            if not 0 <= layer < L:
+                raise ValueError(f"task {t!r}: repeat layer {layer} outside the model's {L} layers")
+            centers[k, layer, 2] = L / 2
     idx = torch.tensor([names.index(str(r.get("task", "default"))) for r in records])
     return names, centers, idx
 
@@ -563,8 +581,10 @@ CHECKPOINT_NAME = "training_checkpoint.pt"
 
 def train_from_searches(model, tokenizer, search_files, out_dir, cfg: TrainConfig | None = None,
                         num_windows: int = 8, bottleneck: int = 128, progress: bool = True, resume: bool = True,
-                        stop_after: int | None = None) -> dict:
+                        stop_after: int | None = None, repeat_probes=()) -> dict:
     """Search JSONL -> trained router artifact in ``out_dir`` (+ ``training_report.json``). Returns the report.
+    ``repeat_probes``: files of `retrofit search-repeats` (``target="task"`` only): the layers each task gains
+    from repeating are repeated in its centre.
 
     Every epoch is checkpointed to ``out_dir/training_checkpoint.pt`` (removed once the artifact is saved); a
     killed run started again with the same settings (``resume``) continues after its last epoch, with the same
@@ -572,7 +592,12 @@ def train_from_searches(model, tokenizer, search_files, out_dir, cfg: TrainConfi
     import retrofit
     from retrofit.artifacts import fingerprint
 
+    from retrofit.search.repeats import read_probe
+
     cfg = cfg or TrainConfig()
+    if repeat_probes and cfg.target != "task":
+        raise ValueError(f"repeat probes are read by target='task' only (this run: target={cfg.target!r})")
+    probes = [r for p in repeat_probes for r in read_probe(p)]
     records = read_searches(search_files)
     if cfg.unlabeled == "execute":
         kept = [r if r.get("found", r.get("correct", True)) else
@@ -594,7 +619,8 @@ def train_from_searches(model, tokenizer, search_files, out_dir, cfg: TrainConfi
         if labels.shape[1] != handle.num_layers:
             raise ValueError(f"the searched plans have {labels.shape[1]} layers, the model {handle.num_layers}")
         if cfg.target == "task":
-            report = _train_task_gate(handle, feats, valid, kept, cfg)
+            report = _train_task_gate(handle, feats, valid, kept, cfg, probes)
+            report["repeat_probes"] = [str(p) for p in repeat_probes]
         else:
             if cfg.target != "shortest":
                 fn = soft_targets if cfg.target == "soft" else safety_targets
@@ -621,9 +647,13 @@ def train_from_searches(model, tokenizer, search_files, out_dir, cfg: TrainConfi
     return report
 
 
-def _train_task_gate(handle, feats, valid, records, cfg: TrainConfig) -> dict:
-    """``target="task"``: routers built in closed form (:func:`task_gate_routers`), then calibrated."""
-    names, centers, idx = task_centers(records, handle.num_layers)
+def _train_task_gate(handle, feats, valid, records, cfg: TrainConfig, probes: list[dict] | None = None) -> dict:
+    """``target="task"``: routers built in closed form (:func:`task_gate_routers`), then calibrated. ``probes``:
+    repeat-probe records (:mod:`retrofit.search.repeats`), whose layers each task's centre repeats."""
+    from retrofit.search.repeats import repeat_layers
+
+    rep = repeat_layers(probes, handle.num_layers, z=cfg.repeat_z, max_repeats=cfg.max_repeats) if probes else {}
+    names, centers, idx = task_centers(records, handle.num_layers, {t: v["layers"] for t, v in rep.items()})
     if handle.routers is None:
         handle.init_routers(seed=cfg.seed)
     routers = handle.routers.to(feats.device).eval().requires_grad_(False)
@@ -649,4 +679,5 @@ def _train_task_gate(handle, feats, valid, records, cfg: TrainConfig) -> dict:
         "plans_equal_task_center": float((pred == want).all(-1).float().mean()),
         "predicted_layer_fraction": passes_fraction(pred), "label_layer_fraction": passes_fraction(want),
         "train_examples": len(records), "val_examples": 0, "history": [], "resumed_from_epoch": 0,
+        "repeats": rep,
     }

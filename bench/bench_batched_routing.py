@@ -122,7 +122,9 @@ def measure_batch(model, h, ids, mask, plans, n, repeats, all_rows=False):
     timed_generate(model, ids, mask, 4)  # warm-up
     spent, total = layer_times(model, ids, mask, n)
     # each row's skipped layers' share of the instrumented run, averaged over rows, times the base median
-    share = statistics.mean(sum(t for t, a in zip(spent, p) if a == "skip") for p in plans) / total
+    # (a repeated layer costs its time once more: a negative saving)
+    share = statistics.mean(sum(t if a == "skip" else -t if a == "repeat" else 0.0 for t, a in zip(spent, p))
+                            for p in plans) / total
     runs = {"base": [], "plan": []}
     if all_rows:
         runs["all_rows"] = []
@@ -141,7 +143,8 @@ def measure_batch(model, h, ids, mask, plans, n, repeats, all_rows=False):
     res = {
         "rows": int(ids.shape[0]),
         "prompt_tokens_padded": int(ids.shape[1]),
-        "mean_layer_fraction": round(statistics.mean(p.count("execute") for p in plans) / len(plans[0]), 4),
+        "mean_layer_fraction": round(statistics.mean(p.count("execute") + 2 * p.count("repeat") for p in plans)
+                                     / len(plans[0]), 4),
         "instrumented_s": round(total, 4),
         "layer_s_total": round(sum(spent), 4),
         "ideal_share": round(share, 4),
@@ -249,6 +252,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--clock", choices=sorted(CLOCK), default="cpu",
                     help="cpu: this process's CPU time (default; the machine is shared); wall: wall time")
+    ap.add_argument("--routers", default="bench/results/routers_drllm_arc_easy",
+                    help="trained routers whose own plans for the batch's prompts are measured too ('' to skip)")
     ap.add_argument("--out", default="bench/results/batched_routing.json")
     args = ap.parse_args()
     if args.threads:
@@ -278,6 +283,19 @@ def main():
     uniform = measure_batch(model, h, ids, mask, uniform_plans(plans), args.new_tokens, args.repeats)
     print("uniform", json.dumps(uniform), flush=True)
     h.detach()
+    routed = None
+    if args.routers:  # the trained routers' own plans for these prompts (a prefill through the routers)
+        hr = retrofit.load(model, args.routers)
+        with torch.no_grad():
+            model(ids, attention_mask=mask, use_cache=False)
+        router_plans = hr.last_plans
+        hr.detach()
+        h = retrofit.attach(model, "drllm")
+        routed = measure_batch(model, h, ids, mask, router_plans, args.new_tokens, args.repeats)
+        routed["plans"] = ["".join(a[0] for a in p) for p in router_plans]
+        routed["distinct_plans"] = len(set(routed["plans"]))
+        h.detach()
+        print("routers", json.dumps(routed), flush=True)
     cost_by_rows, full_call_s = decode_layer_cost_by_rows(model, rows=tuple(range(1, B + 1)))
     # what this machine allows at decode: each layer's saving if a sub-batch cost exactly the measured layer cost
     # of its (padded) size and nothing else, against the ideal (B - n) / B of the layer
@@ -302,6 +320,10 @@ def main():
         "hf_uniform_plan_definition": "control at the same batch: every row gets one plan with the rows' mean "
                                       "number of skips on their most skipped layers (no sub-batches: a skipped "
                                       "layer runs for no row)",
+        "hf_router_plans_realised_fraction": routed["realised_fraction"] if routed else None,
+        "hf_router_plans_details": routed,
+        "hf_router_plans_definition": f"the same batch, each row under the plan the trained routers ({args.routers}) "
+                                      "choose from its prompt (per-layer sub-batches where the rows' plans differ)",
         "decode_layer_cost_by_rows": cost_by_rows,
         "decode_layer_call_s_all_rows": full_call_s,
         "decode_bound_fraction": decode_bound,
@@ -318,8 +340,6 @@ def main():
         "vllm_router_speedup": None,
         "vllm_ideal_speedup": None,
         "vllm_outputs_match_hf": None,
-        "vllm_note": "not measured: the vLLM plugin part of issue 16 (per-request sub-batches inside vLLM) is "
-                     "not built yet",
         "router_overhead_37": overhead[next(iter(overhead))]["overhead"],
         "router_overhead_128": overhead["128"]["overhead"],
         "router_overhead_details": overhead,
@@ -332,8 +352,12 @@ def main():
         "command": "python " + " ".join(sys.argv),
         "date": datetime.date.today().isoformat(),
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    out = Path(args.out)
+    if out.is_file():  # bench_vllm.py --out-batched writes the vllm_* keys into the same file: keep them
+        old = json.loads(out.read_text())
+        result.update({k: v for k, v in old.items() if k.startswith("vllm_")})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps({k: v for k, v in result.items() if k not in ("hf_details", "router_overhead_details")},
                      indent=2))
 

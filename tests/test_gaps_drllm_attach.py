@@ -260,11 +260,17 @@ def test_pooling_matrices_are_kept_per_length_for_at_most_64_lengths():
     model = tiny_model("llama")
     h = retrofit.attach(model, "drllm", num_windows=4)
     hidden = torch.zeros(3, 10, 64)
-    A, valid, w = h._pooling(None, hidden)
+    A, valid, w, uniform = h._pooling(None, hidden)
+    assert uniform is True  # 10 tokens fill all 4 windows
+    assert h._pooling(None, torch.zeros(1, 3, 64))[3] is False  # 3 tokens leave a window empty
+    assert h._pooling(torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]), torch.zeros(2, 5, 64))[3] is True
+    assert h._pooling(torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]]), torch.zeros(2, 5, 64))[3] is False
+    h._pool_cache.clear()
     A_ref, valid_ref = window_matrix(torch.ones(1, 10, dtype=torch.long), 4)
     assert A.shape == (3, 4, 10) and torch.equal(A, A_ref.expand(3, 4, 10))
     assert torch.equal(valid, valid_ref.expand(3, 4)) and torch.equal(w, window_weights(valid_ref).expand(3, 1, 4))
-    A2, valid2, w2 = h._pooling(None, torch.zeros(1, 10, 64))  # the next prefill of that length: the same matrices
+    A, valid, w, _ = h._pooling(None, hidden)
+    A2, valid2, w2, _ = h._pooling(None, torch.zeros(1, 10, 64))  # the next prefill of that length: the same matrices
     assert A2.data_ptr() == A.data_ptr() and valid2.data_ptr() == valid.data_ptr() and w2.data_ptr() == w.data_ptr()
     h._pool_cache.clear()
     for T in range(1, 65):
@@ -275,7 +281,7 @@ def test_pooling_matrices_are_kept_per_length_for_at_most_64_lengths():
     h.detach()
 
 
-def test_layer_biases_are_kept_until_the_routers_or_the_knob_change():
+def test_decision_tables_are_kept_until_the_routers_or_the_knob_change():
     model = tiny_model("llama")
     h = retrofit.attach(model, "drllm", bottleneck=4, skip_bias=0.5, repeat_bias=-0.25)
     h.init_routers(seed=0)
@@ -283,12 +289,19 @@ def test_layer_biases_are_kept_until_the_routers_or_the_knob_change():
         for i, r in enumerate(h.routers.router):
             r.fc2.bias.copy_(torch.tensor([0.1 * i, 0.2, 0.3]))
     cpu = torch.device("cpu")
-    b = h._layer_biases(cpu)
-    assert torch.allclose(b, torch.tensor([[0.1 * i + 0.5, 0.2, 0.05] for i in range(4)]))
-    assert h._layer_biases(cpu) is b  # kept
+    t = h._tables(cpu)
+    tiled, fc2t, b = t
+    assert torch.isneginf(b[:, 0]).all()  # the finiteness column
+    assert torch.allclose(b[:, 1:], torch.tensor([[0.1 * i + 0.5, 0.2, 0.05] for i in range(4)]))
+    W = h.config.num_windows
+    for i, r in enumerate(h.routers.router):  # fc2 transposed after a zero column, and tiled over the windows / W
+        assert torch.equal(fc2t[i, :, 0], torch.zeros(4)) and torch.equal(fc2t[i, :, 1:], r.fc2.weight.t())
+        assert tiled.shape == (4, W * 4, 4)
+        assert torch.allclose(tiled[i], torch.cat([fc2t[i] / W] * W, 0))
+    assert h._tables(cpu) is t  # kept
     h.config.skip_bias = 0.0
-    b2 = h._layer_biases(cpu)
-    assert b2 is not b and torch.allclose(b2[:, 0], torch.tensor([0.0, 0.1, 0.2, 0.3]))
+    t2 = h._tables(cpu)
+    assert t2 is not t and torch.allclose(t2[2][:, 1], torch.tensor([0.0, 0.1, 0.2, 0.3]))
     # another bank whose fc2 biases sit where the old ones are, at the same version counts, with other values
     old = h.routers
     new = RouterBank(4, 64, 4)
@@ -300,8 +313,12 @@ def test_layer_biases_are_kept_until_the_routers_or_the_knob_change():
                 rn.fc2.bias.add_(0.0)
         assert rn.fc2.bias._version == ro.fc2.bias._version and rn.fc2.bias.data_ptr() == ro.fc2.bias.data_ptr()
     h.routers = new
-    assert torch.allclose(h._layer_biases(cpu), torch.tensor([[-1.0, -1.0, -1.25]] * 4))
+    assert torch.allclose(h._tables(cpu)[2][:, 1:], torch.tensor([[-1.0, -1.0, -1.25]] * 4))
+    # fc2 weights trained in place are seen too
+    with torch.no_grad():
+        new.router[2].fc2.weight.mul_(2.0)
+    assert torch.equal(h._tables(cpu)[1][2, :, 1:], new.router[2].fc2.weight.t())
     # asked for another device (the hidden states of a layer on another accelerator): built there
-    m = h._layer_biases(META)
-    assert m.device == META and m.shape == (4, 3)
+    m = h._tables(META)
+    assert all(x.device == META for x in m) and m[2].shape == (4, 4)
     h.detach()

@@ -26,7 +26,6 @@ How it hooks in (peft-style, in place): every decoder layer's ``forward`` is ove
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
@@ -370,8 +369,8 @@ class DrLLM(Method):
         of batched ops, nothing per row), the actions written into the step's actions [B, L]."""
         st = self._step
         if st.pool is None or st.pool[0].shape[-1] != hidden.shape[1]:
-            st.pool = (*self._pooling(st.mask, hidden), self._layer_biases(hidden.device))
-        A, valid, weights, biases = st.pool
+            st.pool = (*self._pooling(st.mask, hidden), self._tables(hidden.device))
+        A, valid, weights, uniform, tables = st.pool
         means = torch.bmm(A, hidden if hidden.dtype == torch.float32 else hidden.float())
         if st.capture is not None:
             st.capture.append((means, valid))
@@ -379,61 +378,79 @@ class DrLLM(Method):
             return
         if torch.is_grad_enabled():
             with torch.no_grad():
-                acts = self._router_actions(i, means, weights, biases)
+                codes = self._router_codes(i, means, weights, uniform, tables)
         else:
-            acts = self._router_actions(i, means, weights, biases)
-        st.actions[:, i] = acts
-        al = acts.tolist()  # the one read-back per layer: which rows run it (counted in C, not per row)
-        self._request.route(i, acts, [al.count(SKIP), al.count(EXECUTE), al.count(REPEAT)])
-
-    def _router_actions(self, i: int, means: torch.Tensor, weights: torch.Tensor, biases: torch.Tensor):
-        """Actions [B] of router i from window means [B, W, d]: fc1 + GELU on every window, the valid windows'
-        average (fc2 is linear, so averaging before it equals averaging the logits), fc2 with the budget bias
-        folded into its bias, argmax. A non-finite input (NaN would read as "skip") is an error."""
-        F = nn.functional
-        r = self.routers[i]
-        B, W, d = means.shape
-        hid = F.gelu(torch.addmm(r.fc1.bias, means.view(B * W, d), r.fc1.weight.t()), approximate="tanh")
-        pooled = torch.bmm(weights, hid.view(B, W, -1)).squeeze(1)  # [B, bottleneck]
-        if not math.isfinite(float(pooled.sum())):  # NaN / inf anywhere in the window means reaches this sum
-            bad = ~torch.isfinite(means).flatten(1).all(1)
-            rows = bad.nonzero().flatten().tolist()
+            codes = self._router_codes(i, means, weights, uniform, tables)
+        cl = codes.tolist()  # the one read-back per layer: which rows run it (counted in C, not per row)
+        if 0 in cl:  # code 0: the router's input held NaN / inf (NaN would otherwise read as "skip")
+            rows = [r for r, c in enumerate(cl) if c == 0]
             raise FloatingPointError(
                 f"Dr.LLM: the hidden states entering decoder layer {i} hold NaN or inf (batch rows {rows}), so its "
                 "router cannot decide; the base model overflowed or its weights / inputs are corrupt (float16 "
                 "overflows easily: load the model in bfloat16 or float32)")
-        return torch.addmm(biases[i], pooled, r.fc2.weight.t()).argmax(-1)
+        acts = codes - 1
+        st.actions[:, i] = acts
+        self._request.route(i, acts, [cl.count(SKIP + 1), cl.count(EXECUTE + 1), cl.count(REPEAT + 1)])
+
+    def _router_codes(self, i: int, means: torch.Tensor, weights: torch.Tensor, uniform: bool, tables):
+        """Codes [B] of router i from window means [B, W, d]: 1 + the action, or 0 where the input is not finite.
+
+        fc1 + GELU on every window, then fc2 on the valid windows' average with the budget bias folded into its
+        bias: fc2 is linear, so averaging the hidden units before it equals averaging the logits. When every
+        row's windows all hold tokens (no row shorter than W tokens), the average and fc2 are one product with
+        fc2 tiled over the windows (:meth:`_tables`). A fourth logit, first, has zero weights and bias -inf: it
+        is -inf for a finite input and NaN (0 x inf, 0 x NaN), which argmax takes, for one that is not, so the
+        decision needs no separate check: five ops and the one read-back."""
+        F = nn.functional
+        r = self.routers[i]
+        tiled, fc2t, bias = tables
+        B, W, d = means.shape
+        hid = F.gelu(torch.addmm(r.fc1.bias, means.view(B * W, d), r.fc1.weight.t()), approximate="tanh")
+        if uniform:
+            return torch.addmm(bias[i], hid.view(B, -1), tiled[i]).argmax(-1)
+        pooled = torch.bmm(weights, hid.view(B, W, -1)).squeeze(1)  # [B, bottleneck]
+        return torch.addmm(bias[i], pooled, fc2t[i]).argmax(-1)
 
     def _pooling(self, mask, hidden: torch.Tensor):
-        """(averaging matrix [B, W, T], validity [B, W], window weights [B, 1, W]) of one prefill. Without
-        padding they depend only on (T, W), so they are kept for the next prefill of that length."""
+        """(averaging matrix [B, W, T], validity [B, W], window weights [B, 1, W], whether every window of every
+        row holds tokens) of one prefill. Without padding they depend only on (T, W), so they are kept for the
+        next prefill of that length."""
         W = self.config.num_windows
-        if mask is not None:
+        if mask is not None:  # every window holds tokens iff every row has W real tokens or more
             A, valid = window_matrix(mask.to(hidden.device), W)
-            return A, valid, window_weights(valid)
+            return A, valid, window_weights(valid), int(mask.sum(1).min()) >= W
         B, T = hidden.shape[:2]
         key = (T, W, hidden.device)
         hit = self._pool_cache.get(key)
         if hit is None:
             A, valid = window_matrix(torch.ones(1, T, dtype=torch.long, device=hidden.device), W)
-            hit = (A, valid, window_weights(valid))
+            hit = (A, valid, window_weights(valid), T >= W)
             if len(self._pool_cache) >= 64:
                 self._pool_cache.clear()
             self._pool_cache[key] = hit
-        return tuple(x.expand(B, *x.shape[1:]) for x in hit)
+        return (*(x.expand(B, *x.shape[1:]) for x in hit[:3]), hit[3])
 
-    def _layer_biases(self, device) -> torch.Tensor | None:
-        """[L, 3]: each router's fc2 bias plus the budget knob (None without routers); rebuilt only when the
-        routers, their biases (training writes them in place) or the knob change."""
+    def _tables(self, device):
+        """What every router's fc2 needs at a prefill (None without routers): (fc2 tiled over the windows and
+        divided by W [L, W * b, 4], fc2 transposed [L, b, 4], biases [L, 4]). Column 0 is the finiteness check
+        (zero weights, bias -inf), columns 1-3 are fc2's skip / execute / repeat, the biases fc2's plus the budget
+        knob. Rebuilt only when the routers, their fc2 (training writes it in place) or the knob change."""
         if self.routers is None:
             return None
         cfg = self.config
-        fc2 = [r.fc2.bias for r in self.routers.router]
-        key = (id(self.routers), cfg.skip_bias, cfg.repeat_bias, cfg.allow_repeat, device,
-               tuple(b._version for b in fc2), tuple(b.data_ptr() for b in fc2))
+        fc2 = [p for r in self.routers.router for p in (r.fc2.weight, r.fc2.bias)]
+        key = (id(self.routers), cfg.skip_bias, cfg.repeat_bias, cfg.allow_repeat, cfg.num_windows, device,
+               tuple(p._version for p in fc2), tuple(p.data_ptr() for p in fc2))
         if self._bias_cache is None or self._bias_cache[0] != key:
+            W = cfg.num_windows
             with torch.no_grad():
-                self._bias_cache = (key, torch.stack(fc2).to(device) + self._decision_bias(device))
+                w2 = torch.stack([r.fc2.weight for r in self.routers.router]).to(device).float()  # [L, 3, b]
+                L, _, b = w2.shape
+                fc2t = torch.cat([w2.new_zeros(L, 1, b), w2], 1).transpose(1, 2).contiguous()  # [L, b, 4]
+                tiled = (fc2t / W).repeat(1, W, 1).contiguous()  # [L, W * b, 4]: row w * b + j: unit j, window w
+                bias = torch.stack([r.fc2.bias for r in self.routers.router]).to(device).float()
+                bias = torch.cat([bias.new_full((L, 1), float("-inf")), bias + self._decision_bias(device)], 1)
+            self._bias_cache = (key, (tiled, fc2t, bias))
         return self._bias_cache[1]
 
     def _decision_bias(self, device) -> torch.Tensor:

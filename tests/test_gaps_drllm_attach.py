@@ -290,7 +290,9 @@ def test_decision_tables_are_kept_until_the_routers_or_the_knob_change():
             r.fc2.bias.copy_(torch.tensor([0.1 * i, 0.2, 0.3]))
     cpu = torch.device("cpu")
     t = h._tables(cpu)
-    tiled, fc2t, b = t
+    w1, b1, tiled, fc2t, b = (torch.stack(x) for x in t)
+    assert torch.equal(w1, torch.stack([r.fc1.weight for r in h.routers.router]))
+    assert torch.equal(b1, torch.stack([r.fc1.bias for r in h.routers.router]))
     assert torch.isneginf(b[:, 0]).all()  # the finiteness column
     assert torch.allclose(b[:, 1:], torch.tensor([[0.1 * i + 0.5, 0.2, 0.05] for i in range(4)]))
     W = h.config.num_windows
@@ -301,7 +303,7 @@ def test_decision_tables_are_kept_until_the_routers_or_the_knob_change():
     assert h._tables(cpu) is t  # kept
     h.config.skip_bias = 0.0
     t2 = h._tables(cpu)
-    assert t2 is not t and torch.allclose(t2[2][:, 1], torch.tensor([0.0, 0.1, 0.2, 0.3]))
+    assert t2 is not t and torch.allclose(torch.stack(t2[4])[:, 1], torch.tensor([0.0, 0.1, 0.2, 0.3]))
     # another bank whose fc2 biases sit where the old ones are, at the same version counts, with other values
     old = h.routers
     new = RouterBank(4, 64, 4)
@@ -313,12 +315,15 @@ def test_decision_tables_are_kept_until_the_routers_or_the_knob_change():
                 rn.fc2.bias.add_(0.0)
         assert rn.fc2.bias._version == ro.fc2.bias._version and rn.fc2.bias.data_ptr() == ro.fc2.bias.data_ptr()
     h.routers = new
-    assert torch.allclose(h._tables(cpu)[2][:, 1:], torch.tensor([[-1.0, -1.0, -1.25]] * 4))
-    # fc2 weights trained in place are seen too
+    assert torch.allclose(torch.stack(h._tables(cpu)[4])[:, 1:], torch.tensor([[-1.0, -1.0, -1.25]] * 4))
+    # weights trained in place are seen too
     with torch.no_grad():
         new.router[2].fc2.weight.mul_(2.0)
-    assert torch.equal(h._tables(cpu)[1][2, :, 1:], new.router[2].fc2.weight.t())
+        new.router[1].fc1.weight.mul_(3.0)
+    t3 = h._tables(cpu)
+    assert torch.equal(t3[3][2][:, 1:], new.router[2].fc2.weight.t())
+    assert torch.equal(t3[0][1], new.router[1].fc1.weight)
     # asked for another device (the hidden states of a layer on another accelerator): built there
     m = h._tables(META)
-    assert all(x.device == META for x in m) and m[2].shape == (4, 4)
+    assert all(x.device == META for xs in m for x in xs) and torch.stack(m[4]).shape == (4, 4)
     h.detach()

@@ -42,10 +42,11 @@ __all__ = ["DrLLM"]
 class _StepState:
     """What one forward call of the inner decoder needs: the actions per row and the next free cache slot."""
 
-    __slots__ = ("actions", "slot", "deciding", "mask", "pool", "capture", "cache", "gathered")
+    __slots__ = ("actions", "codes", "slot", "deciding", "mask", "pool", "capture", "cache", "gathered")
 
     def __init__(self):
         self.actions: torch.Tensor | None = None  # [B, L] long
+        self.codes: list = []  # (layer, router codes [B]) decided in this forward, not yet in actions
         self.slot = 0
         self.deciding = False
         self.mask = None
@@ -71,8 +72,9 @@ class _Request:
         self.rows: dict[tuple, _Pass] = {}
         self.slot_rows: list[_Pass | None] = []  # per cache slot: whom it holds (None: every row)
 
-    def route(self, i: int, acts: torch.Tensor, counts: list[int]) -> tuple:
-        """Layer i's route from its actions [B] and their counts [skip, execute, repeat]."""
+    def route(self, i: int, acts: torch.Tensor, counts: list[int], offset: int = 0) -> tuple:
+        """Layer i's route from its actions [B] (``offset`` added: a router's codes are action + 1) and their
+        counts [skip, execute, repeat]."""
         batch = acts.shape[0]
         passes = []
         for p, n in enumerate((batch - counts[SKIP], counts[REPEAT])):
@@ -81,7 +83,7 @@ class _Request:
             if n == batch:
                 passes.append(None)
                 continue
-            real = acts > p
+            real = acts > p + offset
             key = tuple(real.nonzero().flatten().tolist())
             if key not in self.rows:
                 self.rows[key] = _Pass(real, key, batch, self.multiple)
@@ -321,6 +323,7 @@ class DrLLM(Method):
         pkv = kwargs.get("past_key_values")
         prefill = self._tracker.start(pkv, force=self._plans is None or self._plans.shape[0] != batch)
         st.slot = 0
+        st.codes = []
         st.cache = pkv
         st.gathered = {}
         if prefill:
@@ -347,6 +350,10 @@ class DrLLM(Method):
 
     def _post_hook(self, module, args, output):
         st = self._step
+        if st.codes:  # the routers' decisions of this prefill, one write for all layers
+            idx, codes = zip(*st.codes)
+            st.actions[:, list(idx)] = torch.stack(codes, 1) - 1
+            st.codes = []
         if self._tracker.finish(output):  # a cache created inside the forward is adopted by the request
             self._plans = st.actions
             self._record(st.actions)
@@ -388,9 +395,8 @@ class DrLLM(Method):
                 f"Dr.LLM: the hidden states entering decoder layer {i} hold NaN or inf (batch rows {rows}), so its "
                 "router cannot decide; the base model overflowed or its weights / inputs are corrupt (float16 "
                 "overflows easily: load the model in bfloat16 or float32)")
-        acts = codes - 1
-        st.actions[:, i] = acts
-        self._request.route(i, acts, [cl.count(SKIP + 1), cl.count(EXECUTE + 1), cl.count(REPEAT + 1)])
+        st.codes.append((i, codes))  # written into st.actions (code - 1) once, after the last layer
+        self._request.route(i, codes, [cl.count(SKIP + 1), cl.count(EXECUTE + 1), cl.count(REPEAT + 1)], 1)
 
     def _router_codes(self, i: int, means: torch.Tensor, weights: torch.Tensor, uniform: bool, tables):
         """Codes [B] of router i from window means [B, W, d]: 1 + the action, or 0 where the input is not finite.
@@ -400,16 +406,14 @@ class DrLLM(Method):
         row's windows all hold tokens (no row shorter than W tokens), the average and fc2 are one product with
         fc2 tiled over the windows (:meth:`_tables`). A fourth logit, first, has zero weights and bias -inf: it
         is -inf for a finite input and NaN (0 x inf, 0 x NaN), which argmax takes, for one that is not, so the
-        decision needs no separate check: five ops and the one read-back."""
-        F = nn.functional
-        r = self.routers[i]
-        tiled, fc2t, bias = tables
-        B, W, d = means.shape
-        hid = F.gelu(torch.addmm(r.fc1.bias, means.view(B * W, d), r.fc1.weight.t()), approximate="tanh")
+        decision needs no separate check. Inside a forward each op runs with cold caches (the decoder layer
+        before it has flushed them) and costs tens of microseconds whatever its size, so the path is as few
+        calls as it can be: no indexing, transposes or module lookups, five ops and the one read-back."""
+        w1, b1, tiled, fc2t, bias = tables
+        hid = nn.functional.gelu(nn.functional.linear(means, w1[i], b1[i]), approximate="tanh")  # [B, W, b]
         if uniform:
-            return torch.addmm(bias[i], hid.view(B, -1), tiled[i]).argmax(-1)
-        pooled = torch.bmm(weights, hid.view(B, W, -1)).squeeze(1)  # [B, bottleneck]
-        return torch.addmm(bias[i], pooled, fc2t[i]).argmax(-1)
+            return torch.addmm(bias[i], hid.flatten(1), tiled[i]).argmax(-1)
+        return torch.addmm(bias[i], torch.bmm(weights, hid).squeeze(1), fc2t[i]).argmax(-1)
 
     def _pooling(self, mask, hidden: torch.Tensor):
         """(averaging matrix [B, W, T], validity [B, W], window weights [B, 1, W], whether every window of every
@@ -431,26 +435,30 @@ class DrLLM(Method):
         return (*(x.expand(B, *x.shape[1:]) for x in hit[:3]), hit[3])
 
     def _tables(self, device):
-        """What every router's fc2 needs at a prefill (None without routers): (fc2 tiled over the windows and
-        divided by W [L, W * b, 4], fc2 transposed [L, b, 4], biases [L, 4]). Column 0 is the finiteness check
-        (zero weights, bias -inf), columns 1-3 are fc2's skip / execute / repeat, the biases fc2's plus the budget
-        knob. Rebuilt only when the routers, their fc2 (training writes it in place) or the knob change."""
+        """What the routers need at a prefill (None without routers), as per-layer lists: (fc1 weight, fc1 bias,
+        fc2 tiled over the windows and divided by W [W * b, 4], fc2 transposed [b, 4], biases [4]). Column 0 is
+        the finiteness check (zero weights, bias -inf), columns 1-3 fc2's skip / execute / repeat, the biases
+        fc2's plus the budget knob. Rebuilt only when the routers, their weights (training writes them in place)
+        or the knob change."""
         if self.routers is None:
             return None
         cfg = self.config
-        fc2 = [p for r in self.routers.router for p in (r.fc2.weight, r.fc2.bias)]
+        params = [p for r in self.routers.router for p in (r.fc1.weight, r.fc1.bias, r.fc2.weight, r.fc2.bias)]
         key = (id(self.routers), cfg.skip_bias, cfg.repeat_bias, cfg.allow_repeat, cfg.num_windows, device,
-               tuple(p._version for p in fc2), tuple(p.data_ptr() for p in fc2))
+               tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
         if self._bias_cache is None or self._bias_cache[0] != key:
             W = cfg.num_windows
+            rs = self.routers.router
             with torch.no_grad():
-                w2 = torch.stack([r.fc2.weight for r in self.routers.router]).to(device).float()  # [L, 3, b]
+                w1 = [r.fc1.weight.detach().to(device) for r in rs]
+                b1 = [r.fc1.bias.detach().to(device) for r in rs]
+                w2 = torch.stack([r.fc2.weight for r in rs]).to(device).float()  # [L, 3, b]
                 L, _, b = w2.shape
                 fc2t = torch.cat([w2.new_zeros(L, 1, b), w2], 1).transpose(1, 2).contiguous()  # [L, b, 4]
                 tiled = (fc2t / W).repeat(1, W, 1).contiguous()  # [L, W * b, 4]: row w * b + j: unit j, window w
-                bias = torch.stack([r.fc2.bias for r in self.routers.router]).to(device).float()
+                bias = torch.stack([r.fc2.bias for r in rs]).to(device).float()
                 bias = torch.cat([bias.new_full((L, 1), float("-inf")), bias + self._decision_bias(device)], 1)
-            self._bias_cache = (key, (tiled, fc2t, bias))
+            self._bias_cache = (key, (w1, b1, list(tiled), list(fc2t), list(bias)))
         return self._bias_cache[1]
 
     def _decision_bias(self, device) -> torch.Tensor:

@@ -121,7 +121,7 @@ def mixed_plans(n: int) -> list[list[str]]:
     return draw_plans(n, 30, 0)
 
 
-def hf_parity(results: dict, skip: int, n_prompts: int) -> dict:
+def hf_parity(results: dict, skip: int, n_prompts: int, routers: str | None = None) -> dict:
     """Greedy HF generation (retrofit runtime) for the parity prompts under the static plan and, for the mixed
     configurations, each prompt's own plan; one prompt at a time."""
     import torch
@@ -131,21 +131,41 @@ def hf_parity(results: dict, skip: int, n_prompts: int) -> dict:
 
     model, _ = load_model("default")
     out = {}
-    for name in ("base", "static", "mixed", "mixed_where"):
+    for name in ("base", "static", "mixed", "mixed_where", "routers"):
         if name not in results:
             continue
         rows = results[name]["parity"]
-        plans = {"base": [None] * len(rows), "static": [plan_for(skip)] * len(rows)}.get(name) or \
-            mixed_plans(n_prompts)[: len(rows)]
+        plans = {"base": [None] * len(rows), "static": [plan_for(skip)] * len(rows),
+                 "routers": [None] * len(rows)}.get(name) or mixed_plans(n_prompts)[: len(rows)]
         same = 0
         for (p, o), plan in zip(rows, plans):
             h = retrofit.attach(model, "drllm", plan=plan) if plan else None
+            if name == "routers":  # the routers decide from the prompt, as in vLLM (repeat masked there too)
+                h = retrofit.load(model, routers, allow_repeat=False)
             g = model.generate(torch.tensor([p]), max_new_tokens=len(o), do_sample=False)[0, len(p):].tolist()
             same += g == o
             if h is not None:
                 h.detach()
         out[name] = {"prompts": len(rows), "identical": same}
     return out
+
+
+def router_plans_hf(routers: str, n: int) -> list[list[str]]:
+    """The plans the routers choose (HF runtime, repeat masked as in the vLLM config) for the bench's prompts."""
+    import torch
+
+    import retrofit
+    from retrofit.models import load_model
+
+    model, tok = load_model("default")
+    h = retrofit.load(model, routers, allow_repeat=False)
+    plans = []
+    with torch.no_grad():
+        for p in prompts(n):
+            model(tok(p, return_tensors="pt").input_ids, use_cache=False)
+            plans.append(h.last_plans[0])
+    h.detach()
+    return plans
 
 
 def main():
@@ -161,7 +181,8 @@ def main():
     ap.add_argument("--concurrent", type=int, default=64, help="requests sent at once to the server (0: skip)")
     ap.add_argument("--out", default=str(REPO / "bench" / "results" / "vllm.json"))
     ap.add_argument("--out-batched", help="also write the vLLM keys of bench/results/batched_routing.json "
-                                          "(configs must include base, noop, mixed, mixed_where)")
+                                          "(configs must include base and noop; mixed for the drawn plans, "
+                                          "routers for the routers' own plans)")
     ap.add_argument("--sub-batch-multiple", type=int, default=8, help="the serve config's sub_batch_multiple "
                                                                        "for the mixed configurations")
     ap.add_argument("--config", help=argparse.SUPPRESS)
@@ -187,7 +208,7 @@ def main():
         subprocess.run(sub, check=True, stdout=subprocess.DEVNULL if not os.environ.get("BENCH_VERBOSE") else None)
         results[c] = json.loads(part.read_text())
         print(f"[{c}] {results[c]['tok_s']:.1f} output tok/s ({time.time() - t:.0f} s with start-up)", flush=True)
-    parity = hf_parity(results, args.skip, args.prompts)
+    parity = hf_parity(results, args.skip, args.prompts, args.routers)
     t_base = 1 / results["base"]["tok_s"]
     t_noop = 1 / results["noop"]["tok_s"]
     share = 1 - t_noop / t_base
@@ -232,17 +253,48 @@ def main():
     print(json.dumps({k: v for k, v in details.items() if k not in ("static_plan", "times_s")}, indent=1))
 
 
+def gains(k_mean: float, share: float, tok_s: float, base: float) -> dict:
+    """Speed-up of ``tok_s`` over ``base``, the ideal one for skipping ``k_mean`` of 30 layers when the decoder
+    layers take ``share`` of a step, issue 16's goal (1 + 0.6 x the ideal gain) and the realised share of it."""
+    ideal = 1 / (1 - k_mean / 30 * share)
+    speedup = tok_s / base
+    return {"speedup": round(speedup, 4), "ideal_speedup": round(ideal, 4),
+            "goal_speedup": round(1 + 0.6 * (ideal - 1), 4),
+            "realised_fraction_of_ideal_gain": round((speedup - 1) / (ideal - 1), 4) if ideal > 1 else None}
+
+
 def write_batched(args, results: dict, parity: dict, share: float, cmd: str) -> None:
     """Issue 16's vLLM keys in bench/results/batched_routing.json (the HF keys there are kept): per-request
     plans (mean layer fraction about 0.8) with the MLP sub-batched, against plain vLLM in the same run."""
+    base = results["base"]["tok_s"]
+    path = Path(args.out_batched)
+    res = json.loads(path.read_text()) if path.is_file() else {}
+    if "routers" in results:  # the trained routers' own plans for these prompts, decided per request
+        rp = router_plans_hf(args.routers, args.prompts)
+        k_r = sum(p.count("skip") for p in rp) / len(rp)
+        g = gains(k_r, share, results["routers"]["tok_s"], base)
+        res.update({
+            "vllm_router_plans_speedup": g["speedup"], "vllm_router_plans_ideal_speedup": g["ideal_speedup"],
+            "vllm_router_plans_outputs_match_hf": parity["routers"]["identical"] == parity["routers"]["prompts"],
+            "vllm_router_plans_details": {
+                "command": cmd, "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "routers": args.routers, "prompts": args.prompts, "new_tokens": args.new_tokens,
+                "mean_skipped_layers": k_r, "distinct_plans": len({"".join(a[0] for a in p) for p in rp}),
+                "decoder_layer_share_of_step": round(share, 4), "base_tok_s": round(base, 2),
+                "routers_tok_s": round(results["routers"]["tok_s"], 2), **g,
+                "hf_parity": parity["routers"], "router_stats": results["routers"].get("router_stats"),
+                "times_s": {k: results[k]["times_s"] for k in ("base", "noop", "routers")},
+            },
+        })
+    if "mixed" not in results:
+        path.write_text(json.dumps(res, indent=1) + "\n")
+        print(json.dumps({k: v for k, v in res.items() if k.startswith("vllm")}, indent=1))
+        return
     plans = mixed_plans(args.prompts)
     k_mean = sum(p.count("skip") for p in plans) / len(plans)
     ideal = 1 / (1 - k_mean / 30 * share)
-    base = results["base"]["tok_s"]
     speedup = results["mixed"]["tok_s"] / base
     where = results["mixed_where"]["tok_s"] / base if "mixed_where" in results else None
-    path = Path(args.out_batched)
-    res = json.loads(path.read_text()) if path.is_file() else {}
     res.update({
         "vllm_router_speedup": round(speedup, 4),
         "vllm_ideal_speedup": round(ideal, 4),

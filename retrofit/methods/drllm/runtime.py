@@ -26,7 +26,6 @@ How it hooks in (peft-style, in place): every decoder layer's ``forward`` is ove
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
@@ -211,7 +210,7 @@ class DrLLM(Method):
         #: than the next even one; 1 runs exactly the rows that need the pass
         self.sub_batch_multiple = 2
         self._pool_cache: dict = {}
-        self._bias_cache: tuple | None = None
+        self._tables_cache: tuple | None = None
         self._tracker = RequestTracker()
         self._hooks = []
         self._patches = []
@@ -373,7 +372,8 @@ class DrLLM(Method):
     # ---------------------------------------------------------------- the layer wrapper
     def _decide(self, i: int, hidden: torch.Tensor):
         """Layer i's router: window means of its input, then its MLP for every row at once (one fixed sequence
-        of batched ops, nothing per row), the actions written into the step's actions [B, L]."""
+        of batched ops, nothing per row); the rows each pass runs are routed now, the actions are written into
+        the step's actions [B, L] after the last layer (:meth:`_post_hook`)."""
         st = self._step
         if st.pool is None or st.pool[0].shape[-1] != hidden.shape[1]:
             st.pool = (*self._pooling(st.mask, hidden), self._tables(hidden.device))
@@ -446,7 +446,7 @@ class DrLLM(Method):
         params = [p for r in self.routers.router for p in (r.fc1.weight, r.fc1.bias, r.fc2.weight, r.fc2.bias)]
         key = (id(self.routers), cfg.skip_bias, cfg.repeat_bias, cfg.allow_repeat, cfg.num_windows, device,
                tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
-        if self._bias_cache is None or self._bias_cache[0] != key:
+        if self._tables_cache is None or self._tables_cache[0] != key:
             W = cfg.num_windows
             rs = self.routers.router
             with torch.no_grad():
@@ -458,8 +458,8 @@ class DrLLM(Method):
                 tiled = (fc2t / W).repeat(1, W, 1).contiguous()  # [L, W * b, 4]: row w * b + j: unit j, window w
                 bias = torch.stack([r.fc2.bias for r in rs]).to(device).float()
                 bias = torch.cat([bias.new_full((L, 1), float("-inf")), bias + self._decision_bias(device)], 1)
-            self._bias_cache = (key, (w1, b1, list(tiled), list(fc2t), list(bias)))
-        return self._bias_cache[1]
+            self._tables_cache = (key, (w1, b1, list(tiled), list(fc2t), list(bias)))
+        return self._tables_cache[1]
 
     def _decision_bias(self, device) -> torch.Tensor:
         """The budget knob as one logit bias [skip, execute, repeat], read from the config at each prefill."""

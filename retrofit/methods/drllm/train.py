@@ -604,7 +604,6 @@ def train_from_searches(model, tokenizer, search_files, out_dir, cfg: TrainConfi
     result as an uninterrupted run (the features are collected again). ``resume=False`` starts over."""
     import retrofit
     from retrofit.artifacts import fingerprint
-
     from retrofit.search.repeats import read_probe
 
     cfg = cfg or TrainConfig()

@@ -56,7 +56,7 @@ def register(app: typer.Typer) -> None:
         from retrofit.core.data import read_searches
         from retrofit.methods.drllm.train import CheckpointError, train_from_searches
         from retrofit.models import load_model
-        from retrofit.search.repeats import read_probe
+        from retrofit.core.repeat_probe import read_probe
 
         files = sorted({f for pat in searches for f in (glob.glob(pat) or [pat])})
         try:

@@ -67,7 +67,7 @@ class TrainConfig:
     layer_fraction: float | None = None
     # target="task" with repeat probes (`retrofit search-repeats`): a task's centre repeats a layer whose single
     # repeat raised the probed questions' accuracy by more than repeat_z paired standard errors (and their gold
-    # probability), at most max_repeats layers per task (`retrofit.search.repeats.repeat_layers`)
+    # probability), at most max_repeats layers per task (`retrofit.core.repeat_probe.repeat_layers`)
     repeat_z: float = 3.0
     max_repeats: int = 1
     # target="task": the first layers of a task's order, {task: [layers]}, in place of the records' (the rest of
@@ -181,7 +181,7 @@ def task_centers(records: list[dict], L: int, repeats: dict[str, list[int]] | No
     """(task names, centre logits [K, L, 3], the task of every record [N]). A task's centre ranks its layers
     (:func:`task_orders`): skip logit ``-rank``, execute 0, repeat ``-L``, so at ``skip_bias`` b a router that
     reads the centre skips exactly the task's ``ceil(b)`` safest layers (b in (k - 1, k] skips k), the same
-    count in every task. ``repeats`` names, per task, layers to run twice (:func:`retrofit.search.repeats.
+    count in every task. ``repeats`` names, per task, layers to run twice (:func:`retrofit.core.repeat_probe.
     repeat_layers`): their repeat logit is ``L / 2``, so they are repeated at every ``repeat_bias`` above
     ``-L / 2`` and every budget short of ``skip_bias`` > rank + L / 2, and a router whose windows read partly
     as another task (a gate average) keeps the repeat unless a third of them do. ``heads`` gives, per task, the
@@ -604,7 +604,7 @@ def train_from_searches(model, tokenizer, search_files, out_dir, cfg: TrainConfi
     result as an uninterrupted run (the features are collected again). ``resume=False`` starts over."""
     import retrofit
     from retrofit.artifacts import fingerprint
-    from retrofit.search.repeats import read_probe
+    from retrofit.core.repeat_probe import read_probe
 
     cfg = cfg or TrainConfig()
     if repeat_probes and cfg.target != "task":
@@ -661,8 +661,8 @@ def train_from_searches(model, tokenizer, search_files, out_dir, cfg: TrainConfi
 
 def _train_task_gate(handle, feats, valid, records, cfg: TrainConfig, probes: list[dict] | None = None) -> dict:
     """``target="task"``: routers built in closed form (:func:`task_gate_routers`), then calibrated. ``probes``:
-    repeat-probe records (:mod:`retrofit.search.repeats`), whose layers each task's centre repeats."""
-    from retrofit.search.repeats import repeat_layers
+    repeat-probe records (:mod:`retrofit.core.repeat_probe`), whose layers each task's centre repeats."""
+    from retrofit.core.repeat_probe import repeat_layers
 
     rep = repeat_layers(probes, handle.num_layers, z=cfg.repeat_z, max_repeats=cfg.max_repeats) if probes else {}
     names, centers, idx = task_centers(records, handle.num_layers, {t: v["layers"] for t, v in rep.items()},

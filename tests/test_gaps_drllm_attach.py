@@ -22,6 +22,7 @@ from torch import nn
 import retrofit
 from retrofit.arch import get_adapter
 from retrofit.artifacts import ArtifactError
+from retrofit.core.plans import ACTIONS
 from retrofit.methods.drllm.config import DrLLMConfig
 from retrofit.methods.drllm.router import RouterBank, window_matrix, window_weights
 from retrofit.methods.drllm.runtime import DrLLM
@@ -326,4 +327,32 @@ def test_decision_tables_are_kept_until_the_routers_or_the_knob_change():
     # asked for another device (the hidden states of a layer on another accelerator): built there
     m = h._tables(META)
     assert all(x.device == META for xs in m for x in xs) and torch.stack(m[4]).shape == (4, 4)
+    h.detach()
+
+
+@pytest.mark.parametrize("lengths", [(9, 8, 12), (9, 2, 12)], ids=["every-window-filled", "a-short-row"])
+def test_runtime_decisions_equal_the_routers_logits_plus_the_knob(lengths):
+    """Every layer's decision for every row is argmax(router logits on the window means it read + the budget
+    bias), on the fused path (every row fills its windows) and on the path with empty windows (a 2-token row)."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", num_hidden_layers=6)
+    h = retrofit.attach(model, "drllm", bottleneck=16, skip_bias=0.4, repeat_bias=-0.3)
+    h.init_routers(seed=3)
+    with torch.no_grad():
+        for r in h.routers.router:
+            r.fc2.weight.mul_(20.0)  # the window means and the biases both decide
+            r.fc2.bias.copy_(torch.randn(3))
+    T = max(lengths)
+    ids = torch.randint(3, 128, (len(lengths), T))
+    mask = torch.stack([torch.arange(T) >= T - n for n in lengths]).long()  # left padding
+    assert h._pooling(mask, torch.zeros(len(lengths), T, 64))[3] is (min(lengths) >= h.config.num_windows)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, use_cache=False)
+        plans = h.last_plans
+        feats, valid = h.collect_features(ids, mask, plan=plans)
+        want = (h.routers(feats, valid) + torch.tensor([0.4, 0.0, -0.3])).argmax(-1)
+    got = torch.tensor([[ACTIONS.index(a) for a in p] for p in plans])
+    assert torch.equal(got, want)
+    assert len(got.unique()) == 3  # skips, executes and repeats all occur
+    assert len({tuple(r) for r in got.tolist()}) == len(lengths)  # and the rows' plans differ
     h.detach()

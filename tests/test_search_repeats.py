@@ -174,34 +174,3 @@ def test_cli_search_repeats_refuses_the_test_split_and_train_refuses_probes_for_
                                  "--target", "task", "--repeat-probes", str(tmp_path / "missing.jsonl")])
     text = re.sub(r"[│╭╮╰╯─\s]+", " ", r.output)
     assert r.exit_code == 2 and "not found (write it with `retrofit search-repeats`)" in text
-
-
-def test_a_task_order_head_replaces_the_first_layers_of_the_vote():
-    L = 6
-    recs = [{"id": i, "task": "mc", "prompt": "p", "found": True,
-             "plan": ["skip" if j in (2, 3) else "execute" for j in range(L)]} for i in range(3)]
-    _, centers, _ = task_centers(recs, L, heads={"mc": [5, 2]})
-    # vote order 2, 3, 0, 1, 4, 5 -> 5, 2, then the rest of the vote: 3, 0, 1, 4
-    assert centers[0, :, 0].argsort(descending=True, stable=True).tolist() == [5, 2, 3, 0, 1, 4]
-    with pytest.raises(ValueError, match="must be distinct layers of 0..5"):
-        task_centers(recs, L, heads={"mc": [2, 2]})
-    with pytest.raises(ValueError, match="an order for task"):
-        task_centers(recs, L, heads={"text": [1]})
-    with pytest.raises(ValueError, match="read by target='task' only"):
-        TrainConfig(target="safety", task_order={"mc": [1]})
-
-
-def test_cli_train_task_order_is_checked_before_the_model_loads(tmp_path):
-    from typer.testing import CliRunner
-
-    from retrofit.cli import app
-
-    search = tmp_path / "s.jsonl"
-    search.write_text(json.dumps({"id": 0, "task": "mc", "prompt": "p", "plan": ["execute"] * 4,
-                                  "found": True}) + "\n")
-    base = ["train", "--searches", str(search), "--out", str(tmp_path / "r"), "--target", "task",
-            "--model", str(tmp_path / "no_model_here")]
-    r = CliRunner().invoke(app, base + ["--task-order", "mc:1,2"])
-    assert r.exit_code == 2 and "write TASK=L1,L2" in r.output
-    r = CliRunner().invoke(app, base + ["--task-order", "other=1,2"])
-    assert r.exit_code == 2 and "no such task in the searches" in r.output

@@ -47,8 +47,6 @@ def register(app: typer.Typer) -> None:
                                        "repeat's accuracy gain must clear"),
         max_repeats: int = typer.Option(TrainConfig.max_repeats, help="--repeat-probes: most layers repeated per "
                                         "task (single repeats are probed, not their combinations)"),
-        task_order: list[str] = typer.Option(None, "--task-order", help="--target task: TASK=L1,L2,... puts these "
-                                             "layers first in TASK's order (the safest to skip first; repeatable)"),
         resume: bool = typer.Option(True, "--resume/--no-resume", help="continue a killed run from OUT/"
                                     "training_checkpoint.pt (written every epoch); --no-resume starts over"),
     ):
@@ -60,24 +58,10 @@ def register(app: typer.Typer) -> None:
 
         files = sorted({f for pat in searches for f in (glob.glob(pat) or [pat])})
         try:
-            heads = {}
-            for spec in task_order or []:
-                name, sep, layers = spec.partition("=")
-                try:
-                    heads[name] = [int(x) for x in layers.split(",")]
-                except ValueError:
-                    sep = ""
-                if not sep or not name:
-                    raise ValueError(f"--task-order {spec!r}: write TASK=L1,L2,... (e.g. arc_easy=18,19,13)")
             cfg = TrainConfig(lr=lr, batch_size=batch_size, epochs=epochs, gamma=gamma, seed=seed, target=target,
                               unlabeled=unlabeled, shrink=shrink, layer_fraction=layer_fraction,
-                              center=center, repeat_z=repeat_z, max_repeats=max_repeats,
-                              task_order=heads or None)
-            recs = read_searches(files)  # damaged lines / missing files named now, not after the model loads
-            tasks = {str(r.get("task", "default")) for r in recs}
-            if sorted(set(heads) - tasks):
-                raise ValueError(f"--task-order for {sorted(set(heads) - tasks)}: no such task in the searches "
-                                 f"(tasks: {sorted(tasks)})")
+                              center=center, repeat_z=repeat_z, max_repeats=max_repeats)
+            read_searches(files)  # damaged lines / missing files named now, not after the model loads
             probes = sorted({f for pat in repeat_probes or [] for f in (glob.glob(pat) or [pat])})
             if probes and target != "task":
                 raise ValueError("--repeat-probes is read by --target task only")

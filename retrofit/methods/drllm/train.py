@@ -70,9 +70,6 @@ class TrainConfig:
     # probability), at most max_repeats layers per task (`retrofit.core.repeat_probe.repeat_layers`)
     repeat_z: float = 3.0
     max_repeats: int = 1
-    # target="task": the first layers of a task's order, {task: [layers]}, in place of the records' (the rest of
-    # the order follows the records); e.g. a greedy choice on training questions (bench/probe_drllm_greedy.py)
-    task_order: dict | None = None
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -90,8 +87,6 @@ class TrainConfig:
             "layer_fraction": self.layer_fraction is None or 0 < self.layer_fraction <= 2,
             "repeat_z": self.repeat_z >= 0, "max_repeats": self.max_repeats >= 0,
         }
-        if self.task_order is not None and (self.target != "task" or not isinstance(self.task_order, dict)):
-            raise ValueError(f"task_order={self.task_order!r}: a {{task: [layers]}} dict, read by target='task' only")
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
             raise ValueError(f"invalid training option(s) {bad}: {asdict(self)}")
@@ -176,29 +171,22 @@ def task_orders(records: list[dict], L: int) -> dict[str, list[int]]:
     return orders
 
 
-def task_centers(records: list[dict], L: int, repeats: dict[str, list[int]] | None = None,
-                 heads: dict[str, list[int]] | None = None) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+def task_centers(records: list[dict], L: int, repeats: dict[str, list[int]] | None = None
+                 ) -> tuple[list[str], torch.Tensor, torch.Tensor]:
     """(task names, centre logits [K, L, 3], the task of every record [N]). A task's centre ranks its layers
     (:func:`task_orders`): skip logit ``-rank``, execute 0, repeat ``-L``, so at ``skip_bias`` b a router that
     reads the centre skips exactly the task's ``ceil(b)`` safest layers (b in (k - 1, k] skips k), the same
     count in every task. ``repeats`` names, per task, layers to run twice (:func:`retrofit.core.repeat_probe.
     repeat_layers`): their repeat logit is ``L / 2``, so they are repeated at every ``repeat_bias`` above
     ``-L / 2`` and every budget short of ``skip_bias`` > rank + L / 2, and a router whose windows read partly
-    as another task (a gate average) keeps the repeat unless a third of them do. ``heads`` gives, per task, the
-    first layers of its order (e.g. chosen greedily on training questions, bench/probe_drllm_greedy.py); the
-    rest keep the records' order. The most frequent task comes first (the routers' reference, see
+    as another task (a gate average) keeps the repeat unless a third of them do. The most frequent task comes
+    first (the routers' reference, see
     :func:`task_gate_routers`)."""
     orders = task_orders(records, L)
-    for what, given in (("repeat layers", repeats), ("an order", heads)):
-        unknown = sorted(set(given or {}) - set(orders))
-        if unknown:
-            raise ValueError(f"{what} for task(s) {unknown}, which no training record has (tasks: "
-                             f"{sorted(orders)}); give the tasks the routers are trained on")
-    for t, head in (heads or {}).items():
-        bad = [j for j in head if not 0 <= j < L]
-        if bad or len(set(head)) != len(head):
-            raise ValueError(f"task {t!r}: the order's first layers {head} must be distinct layers of 0..{L - 1}")
-        orders[t] = list(head) + [j for j in orders[t] if j not in head]
+    unknown = sorted(set(repeats or {}) - set(orders))
+    if unknown:
+        raise ValueError(f"repeat layers for task(s) {unknown}, which no training record has (tasks: "
+                         f"{sorted(orders)}); probe the tasks the routers are trained on")
     counts: dict[str, int] = {}
     for r in records:
         t = str(r.get("task", "default"))
@@ -665,8 +653,7 @@ def _train_task_gate(handle, feats, valid, records, cfg: TrainConfig, probes: li
     from retrofit.core.repeat_probe import repeat_layers
 
     rep = repeat_layers(probes, handle.num_layers, z=cfg.repeat_z, max_repeats=cfg.max_repeats) if probes else {}
-    names, centers, idx = task_centers(records, handle.num_layers, {t: v["layers"] for t, v in rep.items()},
-                                       cfg.task_order)
+    names, centers, idx = task_centers(records, handle.num_layers, {t: v["layers"] for t, v in rep.items()})
     if handle.routers is None:
         handle.init_routers(seed=cfg.seed)
     routers = handle.routers.to(feats.device).eval().requires_grad_(False)

@@ -1,6 +1,7 @@
 """Dr.LLM router pieces against by-hand references: window pooling (both ways it is computed) and the fused
 inference decision (the vLLM plugin's path) against the training forward."""
 
+import pytest
 import torch
 
 from retrofit.methods.drllm.router import Router, window_matrix, window_means, window_weights
@@ -92,3 +93,14 @@ def test_window_weights_average_over_valid_windows_only():
     assert w.shape == (2, 1, 4)
     torch.testing.assert_close(w[0, 0], torch.tensor([1 / 3, 0.0, 1 / 3, 1 / 3]))
     assert torch.equal(w[1], torch.zeros(1, 4))  # no valid window: zeros, not NaN
+
+
+def test_decide_refuses_non_finite_means_naming_the_rows():
+    r = Router(6, bottleneck=4)
+    means = torch.randn(3, 5, 6)
+    means[2, 1, 0] = float("inf")
+    valid = torch.ones(3, 5, dtype=torch.bool)
+    with pytest.raises(FloatingPointError, match=r"batch rows \[2\]"):
+        r.decide(means, window_weights(valid), torch.zeros(3))
+    means[2, 1, 0] = 0.0
+    assert r.decide(means, window_weights(valid), torch.zeros(3)).shape == (3,)

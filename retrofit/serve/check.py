@@ -64,6 +64,7 @@ class ServedArtifact:
         self.name, self.path, self.meta, self.config = name, path, meta, cfg
         self.plan = None
         self.routers = None
+        self._tables = {}
         if cfg.plan is not None:
             if "repeat" in cfg.plan:
                 raise ServeConfigError(f"artifact {name!r} has a static plan with 'repeat'; the vLLM plugin does "
@@ -90,6 +91,16 @@ class ServedArtifact:
             self.bias = bias
         else:
             raise ArtifactError(f"artifact {name!r} ({path}) has neither routers nor a static plan")
+
+    def tables(self, device) -> tuple:
+        """The routers' decision tables on ``device`` (:func:`~retrofit.methods.drllm.router.decision_tables`,
+        the HF runtime's), built once per device."""
+        from retrofit.methods.drllm.router import decision_tables
+
+        t = self._tables.get(device)
+        if t is None:
+            t = self._tables[device] = decision_tables(self.routers.router, self.bias, self.config.num_windows, device)
+        return t
 
     def describe(self) -> str:
         if self.plan is not None:

@@ -38,7 +38,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from retrofit.artifacts import ArtifactError, compare_fingerprint, fingerprint_of, fingerprinted, tensor_digest
 from retrofit.core.plans import EXECUTE, SKIP, plan_codes
-from retrofit.methods.drllm import window_matrix, window_weights
+from retrofit.methods.drllm.router import NONFINITE, decision_codes, nonfinite_error, window_matrix, window_weights
 from retrofit.serve.check import ServedArtifact, check_static_plan
 from retrofit.serve.config import RequestChoice, ServeConfigError, find_serve_config, parse_request_args
 
@@ -243,11 +243,16 @@ class RetrofitController:
             s, e = st.qsl[r], st.qsl[r + 1]
             stream = hidden[s:e] if residual is None else hidden[s:e] + residual[s:e]
             pool = st.pools.get(r)
-            if pool is None:  # the row's averaging matrix, the same for every layer of this prefill
-                A, valid = window_matrix(torch.ones(1, e - s, dtype=torch.long), served.config.num_windows)
-                pool = st.pools[r] = (A.to(stream.device), window_weights(valid).to(stream.device))
+            if pool is None:  # the row's averaging matrix etc., the same for every layer of this prefill
+                W = served.config.num_windows
+                A, valid = window_matrix(torch.ones(1, e - s, dtype=torch.long), W)
+                pool = st.pools[r] = (A.to(stream.device), window_weights(valid).to(stream.device), e - s >= W,
+                                      served.tables(stream.device))
             means = torch.bmm(pool[0], stream.float().unsqueeze(0))
-            st.acts[r, i] = served.routers[i].decide(means, pool[1], served.bias).item()
+            code = int(decision_codes(pool[3], i, means, pool[1], pool[2]))  # the HF runtime's decision path
+            if code == NONFINITE:  # NaN / inf in the stream: an error, never a silent "skip"
+                raise nonfinite_error(i, [r])
+            st.acts[r, i] = code - 1
         if st.layer_any is not None:  # decode-only step: decided in begin()
             any_run, all_run = st.layer_any[i], st.layer_all[i]
         else:

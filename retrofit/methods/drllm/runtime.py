@@ -33,7 +33,8 @@ from retrofit.core.hooks import RequestTracker, patch_forward
 from retrofit.methods import Method, register_method
 from retrofit.core.plans import ACTIONS, EXECUTE, REPEAT, SKIP, validate_plan
 from retrofit.methods.drllm.config import DrLLMConfig
-from retrofit.methods.drllm.router import RouterBank, window_matrix, window_weights
+from retrofit.methods.drllm.router import (NONFINITE, RouterBank, decision_codes, decision_tables, nonfinite_error,
+                                          window_matrix, window_weights)
 
 __all__ = ["DrLLM"]
 
@@ -385,35 +386,14 @@ class DrLLM(Method):
             return
         if torch.is_grad_enabled():
             with torch.no_grad():
-                codes = self._router_codes(i, means, weights, uniform, tables)
+                codes = decision_codes(tables, i, means, weights, uniform)
         else:
-            codes = self._router_codes(i, means, weights, uniform, tables)
+            codes = decision_codes(tables, i, means, weights, uniform)
         cl = codes.tolist()  # the one read-back per layer: which rows run it (counted in C, not per row)
-        if 0 in cl:  # code 0: the router's input held NaN / inf (NaN would otherwise read as "skip")
-            rows = [r for r, c in enumerate(cl) if c == 0]
-            raise FloatingPointError(
-                f"Dr.LLM: the hidden states entering decoder layer {i} hold NaN or inf (batch rows {rows}), so its "
-                "router cannot decide; the base model overflowed or its weights / inputs are corrupt (float16 "
-                "overflows easily: load the model in bfloat16 or float32)")
+        if NONFINITE in cl:  # the router's input held NaN / inf (NaN would otherwise read as "skip")
+            raise nonfinite_error(i, [r for r, c in enumerate(cl) if c == NONFINITE])
         st.codes.append((i, codes))  # written into st.actions (code - 1) once, after the last layer
         self._request.route(i, codes, [cl.count(SKIP + 1), cl.count(EXECUTE + 1), cl.count(REPEAT + 1)], 1)
-
-    def _router_codes(self, i: int, means: torch.Tensor, weights: torch.Tensor, uniform: bool, tables):
-        """Codes [B] of router i from window means [B, W, d]: 1 + the action, or 0 where the input is not finite.
-
-        fc1 + GELU on every window, then fc2 on the valid windows' average with the budget bias folded into its
-        bias: fc2 is linear, so averaging the hidden units before it equals averaging the logits. When every
-        row's windows all hold tokens (no row shorter than W tokens), the average and fc2 are one product with
-        fc2 tiled over the windows (:meth:`_tables`). A fourth logit, first, has zero weights and bias -inf: it
-        is -inf for a finite input and NaN (0 x inf, 0 x NaN), which argmax takes, for one that is not, so the
-        decision needs no separate check. Inside a forward each op runs with cold caches (the decoder layer
-        before it has flushed them) and costs tens of microseconds whatever its size, so the path is as few
-        calls as it can be: no indexing, transposes or module lookups, five ops and the one read-back."""
-        w1, b1, tiled, fc2t, bias = tables
-        hid = nn.functional.gelu(nn.functional.linear(means, w1[i], b1[i]), approximate="tanh")  # [B, W, b]
-        if uniform:
-            return torch.addmm(bias[i], hid.flatten(1), tiled[i]).argmax(-1)
-        return torch.addmm(bias[i], torch.bmm(weights, hid).squeeze(1), fc2t[i]).argmax(-1)
 
     def _pooling(self, mask, hidden: torch.Tensor):
         """(averaging matrix [B, W, T], validity [B, W], window weights [B, 1, W], whether every window of every
@@ -435,11 +415,9 @@ class DrLLM(Method):
         return (*(x.expand(B, *x.shape[1:]) for x in hit[:3]), hit[3])
 
     def _tables(self, device):
-        """What the routers need at a prefill (None without routers), as per-layer lists: (fc1 weight, fc1 bias,
-        fc2 tiled over the windows and divided by W [W * b, 4], fc2 transposed [b, 4], biases [4]). Column 0 is
-        the finiteness check (zero weights, bias -inf), columns 1-3 fc2's skip / execute / repeat, the biases
-        fc2's plus the budget knob. Rebuilt only when the routers, their weights (training writes them in place)
-        or the knob change."""
+        """The routers' :func:`decision_tables` for a prefill (None without routers), the budget knob folded into
+        fc2's biases. Rebuilt only when the routers, their weights (training writes them in place) or the knob
+        change."""
         if self.routers is None:
             return None
         cfg = self.config
@@ -447,18 +425,8 @@ class DrLLM(Method):
         key = (id(self.routers), cfg.skip_bias, cfg.repeat_bias, cfg.allow_repeat, cfg.num_windows, device,
                tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
         if self._tables_cache is None or self._tables_cache[0] != key:
-            W = cfg.num_windows
-            rs = self.routers.router
-            with torch.no_grad():
-                w1 = [r.fc1.weight.detach().to(device) for r in rs]
-                b1 = [r.fc1.bias.detach().to(device) for r in rs]
-                w2 = torch.stack([r.fc2.weight for r in rs]).to(device).float()  # [L, 3, b]
-                L, _, b = w2.shape
-                fc2t = torch.cat([w2.new_zeros(L, 1, b), w2], 1).transpose(1, 2).contiguous()  # [L, b, 4]
-                tiled = (fc2t / W).repeat(1, W, 1).contiguous()  # [L, W * b, 4]: row w * b + j: unit j, window w
-                bias = torch.stack([r.fc2.bias for r in rs]).to(device).float()
-                bias = torch.cat([bias.new_full((L, 1), float("-inf")), bias + self._decision_bias(device)], 1)
-            self._tables_cache = (key, (w1, b1, list(tiled), list(fc2t), list(bias)))
+            tables = decision_tables(self.routers.router, self._decision_bias(device), cfg.num_windows, device)
+            self._tables_cache = (key, tables)
         return self._tables_cache[1]
 
     def _decision_bias(self, device) -> torch.Tensor:

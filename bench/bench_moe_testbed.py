@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -99,7 +100,7 @@ class RandomRouting:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--experts", type=int, default=8)
-    ap.add_argument("--top-k", type=int, default=2)
+    ap.add_argument("--top-k", type=int, default=MoefyConfig.top_k)
     ap.add_argument("--shared", type=int, default=768, help="shared-expert neurons (0 with --arch mixtral)")
     ap.add_argument("--arch", default="qwen2_moe", choices=["qwen2_moe", "mixtral"])
     ap.add_argument("--seqs", type=int, default=16)
@@ -186,7 +187,9 @@ def main():
             "gates_only": "the testbed before the expert distillation (gates fitted, experts as split)",
             "random_routing": "on the distilled testbed: gate logits replaced by N(0,1) draws through GateHook "
                               "(seeded), then the router's own softmax -> top-k -> renormalise",
-            "command": "OMP_NUM_THREADS=1 python bench/bench_moe_testbed.py " + " ".join(sys.argv[1:]),
+            "paired_acc": paired(),
+            "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} python bench/bench_moe_testbed.py "
+                       + " ".join(sys.argv[1:]),
             "earlier_part": {k: prev[k] for k in ("command", "date", "seconds") if k in prev} if prev else None,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "threads": torch.get_num_threads(),
@@ -198,6 +201,20 @@ def main():
         Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
         return out
 
+    correct = {}  # per-question 0/1 of the models scored in this run, for paired differences
+
+    def paired():
+        """Accuracy differences on the same questions, with their standard errors (models of this run only)."""
+        out = {}
+        for a, b in (("moe", "dense"), ("random_routing", "moe"), ("gates_only", "dense"), ("moe", "gates_only")):
+            if a in correct and b in correct:
+                d = [x - y for x, y in zip(correct[a], correct[b])]
+                n = len(d)
+                m = sum(d) / n
+                se = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1) / n) if n > 1 else float("nan")
+                out[f"{a}_minus_{b}"] = {"diff": round(m, 4), "se": round(se, 4), "n": n}
+        return out
+
     for name in [n for n in ("dense", "gates_only", "moe", "random_routing") if n in names]:
         t = time.time()
         model = dense if name == "dense" else models["gates_only" if name == "gates_only" else "moe"]
@@ -207,8 +224,9 @@ def main():
             if name != "dense":
                 res[f"{name}_kl"] = round(heldout_kl(model, dense, seqs[:args.kl_seqs]), 4)
             t1 = time.time()
-            acc, _ = arc_accuracy(model, tok, examples, name)
+            acc, preds = arc_accuracy(model, tok, examples, name)
             res[f"{name}_acc"] = round(acc, 4)
+            correct[name] = [int(p == ex.gold) for p, ex in zip(preds, examples)]
         finally:
             if rr is not None:
                 rr.close()

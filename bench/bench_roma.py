@@ -115,6 +115,8 @@ def tune_both(model, tok, train, held_out, args, storage, name, log, embeddings=
     held_ids = {ex.id for ex in held_out}
     cfgs, studies = {}, {}
     for key, plain in (("plain_ft", True), ("roma", False)):
+        if args.only_study and key != args.only_study:
+            continue
         t0 = time.time()
         res = roma_study(model, tok, train, n_trials=args.tune, storage=storage, plain=plain, seed=args.seed,
                          val_fraction=args.val_fraction, base=base_cfg, embeddings=embeddings,
@@ -176,6 +178,9 @@ def main():
                     "with --tiny a fresh temporary file)")
     ap.add_argument("--second-tune", action="store_true", help="--tune with --second-mode train: tune the second "
                     "task's routers on its own training part (default: the ARC-Easy studies' settings)")
+    ap.add_argument("--only-study", choices=["plain_ft", "roma"], default=None, help="--tune: run only this "
+                    "study and stop (two processes, one per study, can share --storage and run side by side; a "
+                    "later run without it finds both studies finished and goes on to the scoring)")
     ap.add_argument("--out", default=None, help="results file (default bench/results/roma.json; with --tiny "
                     "runs/roma_tiny.json, so a script check never replaces a real result)")
     args = ap.parse_args()
@@ -183,6 +188,8 @@ def main():
         ap.error("--tune must be >= 0")
     if not 0 < args.val_fraction < 1:
         ap.error("--val-fraction must be strictly between 0 and 1")
+    if args.only_study and not args.tune:
+        ap.error("--only-study needs --tune N")
     if args.second_tune and not (args.tune and args.second_mode == "train"):
         ap.error("--second-tune needs --tune N and --second-mode train")
     if args.out is None:
@@ -228,6 +235,9 @@ def main():
     studies = None
     if args.tune:
         cfgs, studies = tune_both(model, tok, train, test, args, storage, "arc_easy", log, embeddings=emb)
+        if args.only_study:
+            log(f"--only-study {args.only_study}: study finished; rerun without it to score the tuned settings")
+            return
     log("settings: " + "; ".join(f"{k} {v}" for k, v in hyperparameters(cfgs).items()))
 
     tests = {"arc_easy_test": test}

@@ -1,7 +1,7 @@
 """Probe (issue 17): where the MoE testbed's ARC-Easy answers part from the dense model's.
 
 The distilled testbed is within 1.5x of the dense perplexity but 10 points below it on ARC-Easy, and random
-routing scores as well as its fitted gates (bench/results/moe_testbed.json). This probe asks, question by
+routing scores as well as its fitted gates (bench/results/moe_testbed_e8k2.json). This probe asks, question by
 question, whether the MoE keeps the dense model's answers and loses on some, or answers differently
 altogether: the predicted choice of the dense model, the distilled MoE and the MoE under random routing on the
 same ARC-Easy test questions (the first ``--limit``, as the testbed benchmark), their pairwise agreement (and

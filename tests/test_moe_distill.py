@@ -174,8 +174,9 @@ def test_testbed_folders_and_atomic_save(pair, tmp_path):
     from retrofit.models import default_model_dir
     from retrofit.moe import moefy as M
 
-    assert M.testbed_dir().name == "smollm2-moe-e8k2"
-    assert M.testbed_dir(distilled=False).name == "smollm2-moe-e8k2-gates"
+    assert M.testbed_dir().name == "smollm2-moe-e8k4"  # the default testbed: 8 experts, top-4
+    assert M.testbed_dir(8, 2).name == "smollm2-moe-e8k2"
+    assert M.testbed_dir(distilled=False).name == "smollm2-moe-e8k4-gates"
     assert M.distill_checkpoint_dir(tmp_path / "tb").name == "tb.distill-ckpt"
     _, moe = pair
     tok = AutoTokenizer.from_pretrained(default_model_dir())

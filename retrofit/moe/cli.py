@@ -8,13 +8,15 @@ from pathlib import Path
 import typer
 
 from retrofit.moe.distill import DEFAULT_SOURCES
+from retrofit.moe.moefy import MoefyConfig
 
 
 def register(app: typer.Typer) -> None:
     @app.command("moefy")
     def moefy(
         experts: int = typer.Option(8, "--experts", "-e", help="experts per layer (divides the MLP width 1536)"),
-        top_k: int = typer.Option(2, "--top-k", "-k", help="experts active per token (< experts so routing matters)"),
+        top_k: int = typer.Option(MoefyConfig.top_k, "--top-k", "-k",
+                                  help="experts active per token (< experts so routing matters)"),
         shared: int = typer.Option(768, help="neurons of the always-on shared expert (Qwen2-MoE); 0 with "
                                    "--arch mixtral"),
         arch: str = typer.Option("qwen2_moe", help="qwen2_moe (shared + routed experts) or mixtral (routed only)"),

@@ -205,6 +205,13 @@ def task_centers(records: list[dict], L: int, repeats: dict[str, list[int]] | No
     return names, centers, idx
 
 
+def _low_quantile(x: torch.Tensor, q: float) -> torch.Tensor:
+    """``torch.quantile(x, q)``, also past its 16M-element limit (then the k-th smallest value, k = ceil(q n))."""
+    if x.numel() <= 1 << 24:
+        return torch.quantile(x, q)
+    return x.flatten().kthvalue(max(1, math.ceil(q * x.numel()))).values
+
+
 @torch.no_grad()
 def task_gate_routers(routers, features: torch.Tensor, valid: torch.Tensor, task_idx: torch.Tensor,
                       centers: torch.Tensor, l2: float = 1e-3, steps: int = 200, margin: float = 12.0,
@@ -266,7 +273,7 @@ def task_gate_routers(routers, features: torch.Tensor, valid: torch.Tensor, task
             # scale so that the training windows' logits clear the step: |z| >= margin for 99 % of them. GELU dips
             # below 0 on (-4, 0), so a window a few logits on the "no" side would still nudge the logits: far
             # enough out, GELU(z + 1) - GELU(z) is 0 to 1e-30
-            q = torch.quantile(z.abs(), 0.01).clamp(min=1e-3)
+            q = _low_quantile(z.abs(), 0.01).clamp(min=1e-3)
             scale = margin / float(q)
             w, c = w * scale, c * scale
             u = 2 * (k - 1)

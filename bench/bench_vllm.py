@@ -190,11 +190,17 @@ def main():
     args = ap.parse_args()
     if args.config:
         return worker(args)
+    configs = args.configs.split(",")
+    if not {"base", "noop"} <= set(configs):
+        ap.error("--configs must include base and noop (the baselines every number here is relative to)")
+    if "static" not in configs and not args.out_batched:
+        ap.error(f"without 'static' in --configs only --out-batched is written; give --out-batched FILE (or add "
+                 f"static for {args.out}), or the measurements would be lost")
     cmd = "OMP_NUM_THREADS=2 .venv/bin/python bench/bench_vllm.py " + " ".join(sys.argv[1:])
     results = {}
     tmp = Path(args.out).with_suffix(".parts")
     tmp.mkdir(parents=True, exist_ok=True)
-    for c in args.configs.split(","):
+    for c in configs:
         part = tmp / f"{c}.json"
         if part.is_file():  # resume: a configuration already measured is kept
             results[c] = json.loads(part.read_text())

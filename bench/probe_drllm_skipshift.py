@@ -8,7 +8,8 @@ whose update is unlike the others') fitted on its own. Plans are scored on ARC-E
 to fit): base, the skip plan, the skip plan with mean shifts, the skip plan with linear maps; paired standard
 errors against the plain skip plan.
 
-    python bench/probe_drllm_skipshift.py --skips 18,19,20 --fit-limit 400 --out bench/results/drllm_skipshift_probe.json
+    python bench/probe_drllm_skipshift.py --skips 18,19,20 --fit-limit 400 \
+        --out bench/results/drllm_skipshift_probe.json
 """
 
 from __future__ import annotations

@@ -93,9 +93,9 @@ class ServedArtifact:
             raise ArtifactError(f"artifact {name!r} ({path}) has neither routers nor a static plan")
 
     def tables(self, device) -> tuple:
-        """The routers' decision tables on ``device`` (:func:`~retrofit.methods.drllm.router.decision_tables`,
+        """The routers' decision tables on ``device`` (:func:`~retrofit.methods.drllm.decision_tables`,
         the HF runtime's), built once per device."""
-        from retrofit.methods.drllm.router import decision_tables
+        from retrofit.methods.drllm import decision_tables
 
         t = self._tables.get(device)
         if t is None:

@@ -38,7 +38,7 @@ from vllm.model_executor.models.qwen3 import Qwen3ForCausalLM
 
 from retrofit.artifacts import ArtifactError, compare_fingerprint, fingerprint_of, fingerprinted, tensor_digest
 from retrofit.core.plans import EXECUTE, SKIP, plan_codes
-from retrofit.methods.drllm.router import NONFINITE, decision_codes, nonfinite_error, window_matrix, window_weights
+from retrofit.methods.drllm import NONFINITE, decision_codes, nonfinite_error, window_matrix, window_weights
 from retrofit.serve.check import ServedArtifact, check_static_plan
 from retrofit.serve.config import RequestChoice, ServeConfigError, find_serve_config, parse_request_args
 

@@ -6,7 +6,9 @@ runtime: how it hooks in), ``train.py`` (focal loss, class weights, training), `
 
 from retrofit.core.plans import ACTIONS
 from retrofit.methods.drllm.config import DrLLMConfig
-from retrofit.methods.drllm.router import RouterBank, window_matrix, window_means, window_weights
+from retrofit.methods.drllm.router import (NONFINITE, RouterBank, decision_codes, decision_tables, nonfinite_error,
+                                          window_matrix, window_means, window_weights)
 from retrofit.methods.drllm.runtime import DrLLM
 
-__all__ = ["DrLLM", "DrLLMConfig", "ACTIONS", "window_means", "window_matrix", "window_weights", "RouterBank"]
+__all__ = ["DrLLM", "DrLLMConfig", "ACTIONS", "window_means", "window_matrix", "window_weights", "RouterBank",
+           "decision_tables", "decision_codes", "nonfinite_error", "NONFINITE"]

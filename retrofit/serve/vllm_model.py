@@ -58,7 +58,7 @@ class _Step:
         self.rows = rows
         self.layer_any = self.layer_all = None  # per-layer "any / every row runs it" (decode-only steps)
         self.tok_run = None  # [T, L, 1] per-token run mask (decode-only steps with mixed plans)
-        self.pools = {}  # row -> (averaging matrix, window weights) of a deciding row
+        self.pools = {}  # row -> (averaging matrix, window weights, windows all filled, decision tables)
         self.split = {}  # run pattern of a layer (per row) -> (token indices that run it, that skip it)
 
 

@@ -2,6 +2,7 @@
 (:mod:`retrofit.search.lm`)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -166,11 +167,15 @@ def test_cli_search_text_refuses_unknown_sources_and_an_existing_out(tmp_path):
 
     from retrofit.cli import app
 
-    r = CliRunner().invoke(app, ["search-text", "--out", str(tmp_path / "t.jsonl"), "--source", "arc_easy_test"])
-    assert r.exit_code == 2 and "unknown text source(s) ['arc_easy_test']" in r.output
+    def run(args):  # rich wraps the error box at the terminal width, which depends on the tmp path's length
+        r = CliRunner().invoke(app, args, env={"COLUMNS": "250"}, terminal_width=250)
+        return r.exit_code, " ".join(re.sub(r"[\u2500-\u257f]", " ", r.output).split())
+
+    code, out = run(["search-text", "--out", str(tmp_path / "t.jsonl"), "--source", "arc_easy_test"])
+    assert code == 2 and "unknown text source(s) ['arc_easy_test']" in out
     (tmp_path / "t.jsonl").write_text("")
-    r = CliRunner().invoke(app, ["search-text", "--out", str(tmp_path / "t.jsonl")])
-    assert r.exit_code == 2 and "exists; delete it" in r.output
+    code, out = run(["search-text", "--out", str(tmp_path / "t.jsonl")])
+    assert code == 2 and "exists; delete it" in out
 
 
 def test_text_windows_name_the_source_of_every_window(tmp_path):

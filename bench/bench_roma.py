@@ -141,6 +141,12 @@ def hyperparameters(cfgs: dict) -> dict:
     return {name: {k: getattr(c, k) for k in _HP_KEYS} for name, c in cfgs.items()}
 
 
+def _trial_counts(studies: dict | None) -> str:
+    """'plain_ft 8, roma 8': what each study held when its best trial was taken (a resumed study may hold more
+    than the --tune N of the scoring run)."""
+    return ", ".join(f"{k} {v['n_trials']}" for k, v in (studies or {}).items())
+
+
 def _testbed_summary(tiny: bool):
     if tiny:
         return None
@@ -304,7 +310,8 @@ def main():
         "second_roma_acc": second_block["roma_acc"] if second_block else None,
         "second": second_block,
         "hyperparameters": hyperparameters(cfgs),
-        "hyperparameters_from": (f"optuna studies ({args.tune} trials each, TPE seed {args.seed}) on a validation "
+        "hyperparameters_from": (f"optuna studies ({_trial_counts(studies)} finished trials, TPE seed {args.seed}; a "
+                                 f"study holding more than --tune {args.tune} keeps them all) on a validation "
                                  f"split ({args.val_fraction:g}) of the ARC-Easy training questions; the paper's "
                                  f"settings were each study's first trial" if args.tune else
                                  "the paper's settings (no tuning)"),

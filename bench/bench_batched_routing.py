@@ -20,7 +20,9 @@ clock         = this process's CPU time (--clock cpu, the default: the machine i
 router overhead = time inside the routers at prefill (window pooling + MLP + the routing of the rows, for all
                 30 layers; untrained routers biased to execute every layer, so the forward is the base one)
                 divided by an all-execute prefill forward of the same prompt without routers, alternating,
-                median of --overhead-repeats, at 37 and 128 prompt tokens.
+                median of --overhead-repeats, at 37 and 128 prompt tokens; with the CPU router kernel
+                (retrofit/kernels/router_cpu.c, the default where it builds) and, in the same alternation, with
+                the torch decision path (RETROFIT_ROUTER_KERNEL=0): overhead / overhead_torch_path.
 
     python bench/bench_batched_routing.py --new-tokens 64 --repeats 5
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import random
 import statistics
@@ -42,6 +45,7 @@ import torch
 import retrofit
 from retrofit.arch import get_adapter
 from retrofit.core.data import load_task
+from retrofit.kernels import router_cpu
 from retrofit.models import load_model
 
 PROMPT = ("Question: Which of these would most likely help a plant grow taller in a dark room? "
@@ -206,11 +210,12 @@ def router_overhead(model, tok, repeats):
         decide(i, hidden)
         spent[0] += clock() - t
     h._decide = timed_decide
+    switch_before = os.environ.get(router_cpu.ENV_SWITCH, "1")
     out = {}
     try:
         for n_tok in (int(ids37.shape[1]), 128):
             x = ids37 if n_tok == ids37.shape[1] else long_ids[:, :n_tok]
-            base, routed, rt = [], [], []
+            base, routed, rt, rt_torch = [], [], [], []
             with torch.no_grad():
                 for _ in range(2):  # warm-up
                     model(x, use_cache=False)
@@ -220,23 +225,30 @@ def router_overhead(model, tok, repeats):
                     model(x, use_cache=False)
                     base.append(clock() - t)
                     h.routers = routers
-                    spent[0] = 0.0
-                    t = clock()
-                    model(x, use_cache=False)
-                    routed.append(clock() - t)
-                    rt.append(spent[0])
-                    if h.last_plans[0] != ["execute"] * len(h.last_plans[0]):
-                        raise RuntimeError("the biased routers should execute every layer")
+                    for switch, spent_list in (("1", rt), ("0", rt_torch)):  # the C kernel, then the torch path
+                        os.environ[router_cpu.ENV_SWITCH] = switch
+                        spent[0] = 0.0
+                        t = clock()
+                        model(x, use_cache=False)
+                        if switch == "1":
+                            routed.append(clock() - t)
+                        spent_list.append(spent[0])
+                        if h.last_plans[0] != ["execute"] * len(h.last_plans[0]):
+                            raise RuntimeError("the biased routers should execute every layer")
+                    os.environ[router_cpu.ENV_SWITCH] = switch_before
             out[str(n_tok)] = {
                 "prompt_tokens": int(x.shape[1]),
                 "router_s": round(statistics.median(rt), 6),
                 "base_forward_s": round(statistics.median(base), 5),
                 "routed_forward_s": round(statistics.median(routed), 5),
                 "overhead": round(statistics.median(rt) / statistics.median(base), 5),
+                "router_s_torch_path": round(statistics.median(rt_torch), 6),
+                "overhead_torch_path": round(statistics.median(rt_torch) / statistics.median(base), 5),
                 "overhead_by_forward_delta": round(
                     (statistics.median(routed) - statistics.median(base)) / statistics.median(base), 5),
             }
     finally:
+        os.environ[router_cpu.ENV_SWITCH] = switch_before
         h._decide = decide
         h.detach()
     return out
@@ -261,6 +273,7 @@ def main():
     global clock
     clock = CLOCK[args.clock]
     t0 = time.perf_counter()
+    load_before = os.getloadavg()[0]  # other jobs on the machine (the clock is this process's CPU time)
 
     model, tok = load_model("default")
     model.generation_config.eos_token_id = None  # every row generates --new-tokens tokens
@@ -348,7 +361,8 @@ def main():
         "clock": "process CPU time" if args.clock == "cpu" else "wall time",
         "seconds": round(time.perf_counter() - t0, 1),
         "machine": f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} torch threads, "
-                   "shared with other jobs",
+                   f"{os.cpu_count()} cores, load average {load_before:.2f} at the start",
+        "router_kernel": router_cpu.load() is not None,
         "command": "python " + " ".join(sys.argv),
         "date": datetime.date.today().isoformat(),
     }

@@ -290,7 +290,7 @@ def test_decision_tables_are_kept_until_the_routers_or_the_knob_change():
         for i, r in enumerate(h.routers.router):
             r.fc2.bias.copy_(torch.tensor([0.1 * i, 0.2, 0.3]))
     cpu = torch.device("cpu")
-    t = h._tables(cpu)
+    t = h._tables(cpu)[0]
     w1, b1, tiled, fc2t, b = (torch.stack(x) for x in t)
     assert torch.equal(w1, torch.stack([r.fc1.weight for r in h.routers.router]))
     assert torch.equal(b1, torch.stack([r.fc1.bias for r in h.routers.router]))
@@ -301,9 +301,16 @@ def test_decision_tables_are_kept_until_the_routers_or_the_knob_change():
         assert torch.equal(fc2t[i, :, 0], torch.zeros(4)) and torch.equal(fc2t[i, :, 1:], r.fc2.weight.t())
         assert tiled.shape == (4, W * 4, 4)
         assert torch.allclose(tiled[i], torch.cat([fc2t[i] / W] * W, 0))
-    assert h._tables(cpu) is t  # kept
+    assert h._tables(cpu)[0] is t  # kept
+    kern = h._tables(cpu)[1]
+    if kern is not None:  # the CPU kernel's copy: the same biases, masked / knob folded in
+        assert torch.allclose(torch.stack([x[3] for x in kern.tensors]), b[:, 1:])
     h.config.skip_bias = 0.0
-    t2 = h._tables(cpu)
+    kern2 = h._tables(cpu)[1]
+    if kern2 is not None:
+        assert kern2 is not kern and torch.allclose(torch.stack([x[3] for x in kern2.tensors])[:, 0],
+                                                    torch.tensor([0.0, 0.1, 0.2, 0.3]))
+    t2 = h._tables(cpu)[0]
     assert t2 is not t and torch.allclose(torch.stack(t2[4])[:, 1], torch.tensor([0.0, 0.1, 0.2, 0.3]))
     # another bank whose fc2 biases sit where the old ones are, at the same version counts, with other values
     old = h.routers
@@ -316,17 +323,18 @@ def test_decision_tables_are_kept_until_the_routers_or_the_knob_change():
                 rn.fc2.bias.add_(0.0)
         assert rn.fc2.bias._version == ro.fc2.bias._version and rn.fc2.bias.data_ptr() == ro.fc2.bias.data_ptr()
     h.routers = new
-    assert torch.allclose(torch.stack(h._tables(cpu)[4])[:, 1:], torch.tensor([[-1.0, -1.0, -1.25]] * 4))
+    assert torch.allclose(torch.stack(h._tables(cpu)[0][4])[:, 1:], torch.tensor([[-1.0, -1.0, -1.25]] * 4))
     # weights trained in place are seen too
     with torch.no_grad():
         new.router[2].fc2.weight.mul_(2.0)
         new.router[1].fc1.weight.mul_(3.0)
-    t3 = h._tables(cpu)
+    t3 = h._tables(cpu)[0]
     assert torch.equal(t3[3][2][:, 1:], new.router[2].fc2.weight.t())
     assert torch.equal(t3[0][1], new.router[1].fc1.weight)
     # asked for another device (the hidden states of a layer on another accelerator): built there
-    m = h._tables(META)
+    m, m_kernel = h._tables(META)
     assert all(x.device == META for xs in m for x in xs) and torch.stack(m[4]).shape == (4, 4)
+    assert m_kernel is None  # the C kernel is for CPU tensors only
     h.detach()
 
 

@@ -30,6 +30,8 @@ import torch
 from torch import nn
 
 from retrofit.core.hooks import RequestTracker, patch_forward
+from retrofit.kernels import router_cpu
+from retrofit.kernels.router_cpu import unpack_counts
 from retrofit.methods import Method, register_method
 from retrofit.core.plans import ACTIONS, EXECUTE, REPEAT, SKIP, validate_plan
 from retrofit.methods.drllm.config import DrLLMConfig
@@ -42,15 +44,19 @@ __all__ = ["DrLLM"]
 class _StepState:
     """What one forward call of the inner decoder needs: the actions per row and the next free cache slot."""
 
-    __slots__ = ("actions", "codes", "slot", "deciding", "mask", "pool", "capture", "cache", "gathered")
+    __slots__ = ("actions", "codes", "kernel_layers", "slot", "deciding", "mask", "pool", "capture", "cache",
+                 "gathered")
 
     def __init__(self):
         self.actions: torch.Tensor | None = None  # [B, L] long
         self.codes: list = []  # (layer, router codes [B]) decided in this forward, not yet in actions
+        self.kernel_layers: list = []  # layers whose codes the CPU kernel wrote into pool[5].codes, the same
         self.slot = 0
         self.deciding = False
         self.mask = None
-        self.pool = None  # (averaging matrix [B, W, T], valid, window weights [B, 1, W], layer weights) per prefill
+        # per prefill: (averaging matrix [B, W, T], valid [B, W], window weights [B, 1, W], uniform, decision
+        # tables, the CPU kernel's KernelPrefill or None)
+        self.pool = None
         self.capture: list | None = None
         self.cache = None
         self.gathered: dict = {}  # this step's layer arguments gathered for a sub-batch, by rows and source
@@ -72,10 +78,11 @@ class _Request:
         self.rows: dict[tuple, _Pass] = {}
         self.slot_rows: list[_Pass | None] = []  # per cache slot: whom it holds (None: every row)
 
-    def route(self, i: int, acts: torch.Tensor, counts: list[int], offset: int = 0) -> tuple:
+    def route(self, i: int, acts: torch.Tensor | None, counts: list[int], offset: int = 0) -> tuple:
         """Layer i's route from its actions [B] (``offset`` added: a router's codes are action + 1) and their
-        counts [skip, execute, repeat]."""
-        batch = acts.shape[0]
+        counts [skip, execute, repeat]; ``acts`` is read only when the rows' actions differ (None will do when
+        every row takes the same one)."""
+        batch = sum(counts)
         passes = []
         for p, n in enumerate((batch - counts[SKIP], counts[REPEAT])):
             if n == 0:
@@ -324,6 +331,7 @@ class DrLLM(Method):
         prefill = self._tracker.start(pkv, force=self._plans is None or self._plans.shape[0] != batch)
         st.slot = 0
         st.codes = []
+        st.kernel_layers = []
         st.cache = pkv
         st.gathered = {}
         if prefill:
@@ -354,6 +362,10 @@ class DrLLM(Method):
             idx, codes = zip(*st.codes)
             st.actions[:, list(idx)] = torch.stack(codes, 1) - 1
             st.codes = []
+        if st.kernel_layers:  # the same from the CPU kernel's codes [L, B]
+            idx = st.kernel_layers
+            st.actions[:, idx] = st.pool[5].codes[idx].t().to(st.actions.device) - 1
+            st.kernel_layers = []
         if self._tracker.finish(output):  # a cache created inside the forward is adopted by the request
             self._plans = st.actions
             self._record(st.actions)
@@ -377,9 +389,24 @@ class DrLLM(Method):
         the step's actions [B, L] after the last layer (:meth:`_post_hook`)."""
         st = self._step
         if st.pool is None or st.pool[0].shape[-1] != hidden.shape[1]:
-            st.pool = (*self._pooling(st.mask, hidden), self._tables(hidden.device))
-        A, valid, weights, uniform, tables = st.pool
-        means = torch.bmm(A, hidden if hidden.dtype == torch.float32 else hidden.float())
+            A, valid, weights, uniform = self._pooling(st.mask, hidden)
+            tables, kernel = self._tables(hidden.device)
+            kp = (kernel.prefill(A, weights, hidden.shape[-1])
+                  if kernel is not None and hidden.device.type == "cpu" else None)
+            st.pool = (A, valid, weights, uniform, tables, kp)
+        A, valid, weights, uniform, tables, kp = st.pool
+        x = hidden if hidden.dtype == torch.float32 else hidden.float()
+        if kp is not None and st.capture is None and x.is_cpu:
+            # one C call (retrofit/kernels/router_cpu.py): codes into kp.codes[i], their counts returned
+            bad, n_skip, n_exec, n_rep = unpack_counts(kp.run(i, x))
+            if bad:
+                raise nonfinite_error(i, (kp.codes[i] == NONFINITE).nonzero().flatten().tolist())
+            st.kernel_layers.append(i)
+            counts = [n_skip, n_exec, n_rep]
+            mixed = max(counts) != kp.rows
+            self._request.route(i, kp.codes[i] if mixed else None, counts, 1)
+            return
+        means = torch.bmm(A, x)
         if st.capture is not None:
             st.capture.append((means, valid))
         if not st.deciding:
@@ -415,18 +442,21 @@ class DrLLM(Method):
         return (*(x.expand(B, *x.shape[1:]) for x in hit[:3]), hit[3])
 
     def _tables(self, device):
-        """The routers' :func:`decision_tables` for a prefill (None without routers), the budget knob folded into
-        fc2's biases. Rebuilt only when the routers, their weights (training writes them in place) or the knob
-        change."""
+        """(the routers' :func:`decision_tables`, their CPU kernel or None) for a prefill ((None, None) without
+        routers), the budget knob folded into fc2's biases. Rebuilt only when the routers, their weights
+        (training writes them in place), the knob or the kernel switch (``RETROFIT_ROUTER_KERNEL``) change."""
         if self.routers is None:
-            return None
+            return None, None
         cfg = self.config
         params = [p for r in self.routers.router for p in (r.fc1.weight, r.fc1.bias, r.fc2.weight, r.fc2.bias)]
+        fn = router_cpu.load() if torch.device(device).type == "cpu" else None
         key = (id(self.routers), cfg.skip_bias, cfg.repeat_bias, cfg.allow_repeat, cfg.num_windows, device,
-               tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
+               tuple(p._version for p in params), tuple(p.data_ptr() for p in params), fn is None)
         if self._tables_cache is None or self._tables_cache[0] != key:
-            tables = decision_tables(self.routers.router, self._decision_bias(device), cfg.num_windows, device)
-            self._tables_cache = (key, tables)
+            bias = self._decision_bias(device)
+            tables = decision_tables(self.routers.router, bias, cfg.num_windows, device)
+            kernel = router_cpu.RouterKernel(fn, self.routers.router, bias) if fn is not None else None
+            self._tables_cache = (key, (tables, kernel))
         return self._tables_cache[1]
 
     def _decision_bias(self, device) -> torch.Tensor:

@@ -449,15 +449,18 @@ class DrLLM(Method):
             return None, None
         cfg = self.config
         params = [p for r in self.routers.router for p in (r.fc1.weight, r.fc1.bias, r.fc2.weight, r.fc2.bias)]
-        fn = router_cpu.load() if torch.device(device).type == "cpu" else None
         key = (id(self.routers), cfg.skip_bias, cfg.repeat_bias, cfg.allow_repeat, cfg.num_windows, device,
-               tuple(p._version for p in params), tuple(p.data_ptr() for p in params), fn is None)
+               tuple(p._version for p in params), tuple(p.data_ptr() for p in params))
         if self._tables_cache is None or self._tables_cache[0] != key:
-            bias = self._decision_bias(device)
-            tables = decision_tables(self.routers.router, bias, cfg.num_windows, device)
-            kernel = router_cpu.RouterKernel(fn, self.routers.router, bias) if fn is not None else None
-            self._tables_cache = (key, (tables, kernel))
-        return self._tables_cache[1]
+            tables = decision_tables(self.routers.router, self._decision_bias(device), cfg.num_windows, device)
+            self._tables_cache = (key, [tables, None])
+        entry = self._tables_cache[1]
+        fn = router_cpu.load() if torch.device(device).type == "cpu" else None
+        if fn is None:  # no kernel here, or switched off: the torch path (the kernel, if built, is kept)
+            return entry[0], None
+        if entry[1] is None:
+            entry[1] = router_cpu.RouterKernel(fn, self.routers.router, self._decision_bias(device))
+        return entry[0], entry[1]
 
     def _decision_bias(self, device) -> torch.Tensor:
         """The budget knob as one logit bias [skip, execute, repeat], read from the config at each prefill."""

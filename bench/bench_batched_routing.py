@@ -46,6 +46,7 @@ import retrofit
 from retrofit.arch import get_adapter
 from retrofit.core.data import load_task
 from retrofit.kernels import router_cpu
+from retrofit.methods.drllm.runtime import layer_cost_by_rows
 from retrofit.models import load_model
 
 PROMPT = ("Question: Which of these would most likely help a plant grow taller in a dark room? "
@@ -166,32 +167,9 @@ def measure_batch(model, h, ids, mask, plans, n, repeats, all_rows=False):
 
 
 def decode_layer_cost_by_rows(model, rows=(1, 2, 4, 8, 12, 16), context=64, calls=30):
-    """Median time of one decode-step call of a middle decoder layer for k rows (cache of ``context`` tokens),
-    relative to all rows: how much of a block a sub-batch of k rows still costs on this machine."""
-    from transformers import DynamicCache
-
-    layers = get_adapter(model).layers(model)
-    layer = layers[len(layers) // 2]
-    rotary = get_adapter(model).decoder(model).rotary_emb
-    d = model.config.hidden_size
-    g = torch.Generator().manual_seed(0)
-    out = {}
-    with torch.no_grad():
-        for k in rows:
-            cache = DynamicCache(config=model.config)
-            h = torch.randn(k, context, d, generator=g)
-            pos = torch.arange(context).unsqueeze(0).expand(k, -1)
-            layer(h, position_embeddings=rotary(h, pos), position_ids=pos, past_key_values=cache, use_cache=True)
-            x = torch.randn(k, 1, d, generator=g)
-            pos1 = torch.full((k, 1), context)
-            pe1 = rotary(x, pos1)
-            ts = []
-            for _ in range(calls):
-                t = clock()
-                layer(x, position_embeddings=pe1, position_ids=pos1, past_key_values=cache, use_cache=True)
-                ts.append(clock() - t)
-                cache.layers[layer.self_attn.layer_idx].crop(-1)  # back to the context for the next call
-            out[k] = statistics.median(ts)
+    """One decode-step call of the middle decoder layer for k rows (the runtime's layer_cost_by_rows, wall time,
+    median of ``calls``) relative to all rows: how much of a block a sub-batch of k rows still costs here."""
+    out = layer_cost_by_rows(model, rows, context=context, calls=calls)
     full = out[max(rows)]
     return {str(k): round(v / full, 4) for k, v in out.items()}, round(full, 6)
 
@@ -293,6 +271,13 @@ def main():
                                          all_rows=b == B and b > 1)
         print(b, json.dumps(by_batch[str(b)]), flush=True)
     ids, mask = batch_inputs(tok, prompts[:B])
+    # the same mixed plans with sub-batches padded to the sizes this machine runs cheapest (calibrate_sub_batches)
+    calibration = h.calibrate_sub_batches(B)
+    calibrated = measure_batch(model, h, ids, mask, plans[:B], args.new_tokens, args.repeats)
+    calibrated["sizes"] = list(calibration["sizes"])
+    calibrated["cost_by_rows_s"] = {str(k): round(v, 6) for k, v in calibration["cost_by_rows"].items()}
+    h.sub_batch_sizes = None
+    print("calibrated", json.dumps(calibrated), flush=True)
     uniform = measure_batch(model, h, ids, mask, uniform_plans(plans), args.new_tokens, args.repeats)
     print("uniform", json.dumps(uniform), flush=True)
     h.detach()
@@ -328,6 +313,10 @@ def main():
         "hf_by_batch": {k: v["realised_fraction"] for k, v in by_batch.items()},
         "hf_all_rows_realised_fraction": big.get("all_rows_realised_fraction"),
         "hf_details": by_batch,
+        "hf_calibrated_realised_fraction": calibrated["realised_fraction"],
+        "hf_calibrated_details": calibrated,
+        "hf_calibrated_definition": "the batch's mixed plans with handle.calibrate_sub_batches(hf_batch) first: "
+                                    "each pass padded to the cheapest measured size at or above its rows",
         "hf_uniform_plan_realised_fraction": uniform["realised_fraction"],
         "hf_uniform_plan_details": uniform,
         "hf_uniform_plan_definition": "control at the same batch: every row gets one plan with the rows' mean "
@@ -344,7 +333,7 @@ def main():
                                    "rows) over sum of (rows skipping it / rows): the realised fraction a decode "
                                    "step would reach at batch hf_batch if a sub-batch cost only its measured size",
         "decode_layer_cost_definition": "one decode-step call of layer 15 for k rows (64 cached tokens), median of "
-                                        "30, relative to the call for all rows",
+                                        "30 (wall time), relative to the call for all rows",
         "plans": ["".join(a[0] for a in p) for p in plans],
         "plans_definition": "row r skips k_r ~ U{4..8} layers drawn without replacement with probability "
                             "proportional to the search labels' per-layer skip share (drllm_labels.json)",

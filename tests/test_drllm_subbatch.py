@@ -285,3 +285,42 @@ def test_shared_dsa_indexers_get_the_last_executed_full_layers_picks_per_row(mul
             h.set_plan(plan)
             torch.testing.assert_close(sub[r], model(x).logits[0], rtol=1e-4, atol=1e-4)
     h.detach()
+
+
+def test_sub_batch_sizes_pad_each_pass_to_the_smallest_allowed_size():
+    """sub_batch_sizes (3,): a pass of 1 or 2 rows runs on 3 rows, of 3 on 3, of 4 on the whole batch; the logits
+    at the real tokens equal the exact-rows path. Bad sizes are refused before any state is set."""
+    model = tiny_model("llama")
+    ids, mask, _ = _batch()
+    h = retrofit.attach(model, "drllm")
+    h.set_plan(PLANS)
+    with torch.no_grad():
+        h.sub_batch_multiple = 1
+        ref = model(ids, attention_mask=mask, position_ids=_positions(mask)).logits
+        h.sub_batch_sizes = (3,)
+        seen, hooks = _count_rows(model)
+        got = model(ids, attention_mask=mask, position_ids=_positions(mask)).logits
+        for hk in hooks:
+            hk.remove()
+    assert seen == [[3, 3], [3, 3], [4, 3], []]  # ROWS_PER_PASS[1] = [[3, 1], [2, 1], [4, 2], []] padded to 3
+    real = mask.bool()
+    torch.testing.assert_close(got[real], ref[real], rtol=1e-5, atol=1e-5)
+    for bad in ((3, 2), (0,), [4], (), (2.0,)):
+        h.sub_batch_sizes = bad
+        with pytest.raises(ValueError, match="sub_batch_sizes"):
+            model(ids, attention_mask=mask)
+    h.detach()
+
+
+def test_calibrate_sub_batches_keeps_the_sizes_no_larger_size_undercuts():
+    model = tiny_model("llama")
+    h = retrofit.attach(model, "drllm")
+    res = h.calibrate_sub_batches(6, context=8, calls=3)
+    cost, sizes = res["cost_by_rows"], res["sizes"]
+    assert sorted(cost) == [1, 2, 3, 4, 5, 6] and all(v > 0 for v in cost.values())
+    assert h.sub_batch_sizes == sizes and sizes[-1] == 6  # the full batch is always a size
+    for k in range(1, 7):  # kept <=> cheaper than every larger size
+        assert (k in sizes) == all(cost[k] < cost[m] for m in range(k + 1, 7))
+    with pytest.raises(ValueError, match="batch must be a positive integer"):
+        h.calibrate_sub_batches(0)
+    h.detach()

@@ -17,7 +17,9 @@ How it hooks in (peft-style, in place): every decoder layer's ``forward`` is ove
   cache layer fills itself from the first keys it is given). Rows that skip cost nothing, and a block that no
   row runs is never called. ``sub_batch_multiple`` (2 by default) pads k up to a multiple with rows that skip
   the pass (their output is dropped, their entries in that slot never read): on CPUs an odd-sized matrix
-  product often costs more than the next even one. Where a sub-batch cannot be formed (a cache with
+  product often costs more than the next even one; ``sub_batch_sizes`` (set by ``calibrate_sub_batches``, which
+  measures a layer's cost by rows on the machine) pads to the cheapest measured size instead. Where a sub-batch
+  cannot be formed (a cache with
   preallocated rows, such as a static cache, or one that already holds tokens when the request starts;
   positional layer arguments;
   ``sub_batch = False``) the block runs for the whole batch when any row needs it and the rows that skip it
@@ -29,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from retrofit.arch import get_adapter
 from retrofit.core.hooks import RequestTracker, patch_forward
 from retrofit.kernels import router_cpu
 from retrofit.kernels.router_cpu import unpack_counts
@@ -147,7 +150,10 @@ class _Pass:
         self.key = key
         self.keep = real.view(-1, 1, 1)
         n = len(key)
-        size = min(batch, -(-n // multiple) * multiple)
+        if isinstance(multiple, tuple):  # allowed sizes (calibrate_sub_batches): the smallest that holds n rows
+            size = min(batch, next((m for m in multiple if m >= n), batch))
+        else:
+            size = min(batch, -(-n // multiple) * multiple)
         self.full = size == batch
         self.kept = real.nonzero().flatten()
         if size > n:  # pad with the first rows that do not run the pass
@@ -217,6 +223,9 @@ class DrLLM(Method):
         #: dropped). 2 by default: on this CPU (MKL) a matrix product of an odd number of rows often costs more
         #: than the next even one; 1 runs exactly the rows that need the pass
         self.sub_batch_multiple = 2
+        #: None, or the sub-batch sizes to pad to (increasing): a pass run by n rows runs on the smallest size
+        #: >= n (else the whole batch); overrides sub_batch_multiple. :meth:`calibrate_sub_batches` measures them
+        self.sub_batch_sizes: tuple[int, ...] | None = None
         self._pool_cache: dict = {}
         self._tables_cache: tuple | None = None
         self._tracker = RequestTracker()
@@ -338,6 +347,13 @@ class DrLLM(Method):
             multiple = self.sub_batch_multiple  # checked before any state of the step is set
             if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
                 raise ValueError(f"sub_batch_multiple must be a positive integer, got {multiple!r}")
+            sizes = self.sub_batch_sizes
+            if sizes is not None:
+                if (not isinstance(sizes, tuple) or not sizes or list(sizes) != sorted(set(sizes))
+                        or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in sizes)):
+                    raise ValueError(f"sub_batch_sizes must be None or an increasing tuple of positive integers "
+                                     f"(calibrate_sub_batches() sets one), got {sizes!r}")
+                multiple = sizes
             acts, deciding = self._initial_actions(batch, ref.device)
             st.actions, st.deciding = acts, deciding
             st.mask = kwargs.get("attention_mask")
@@ -588,6 +604,26 @@ class DrLLM(Method):
         self._action_counts = torch.zeros(self.num_layers, 3, dtype=torch.long)
         self._sequences = 0
 
+    def calibrate_sub_batches(self, batch: int, context: int = 64, calls: int = 15) -> dict:
+        """Measure what a sub-batch of k rows costs on this machine and pad sub-batches to the cheapest size.
+
+        Times one decode-step call of the middle decoder layer for k = 1..``batch`` rows (a cache of ``context``
+        tokens, median of ``calls``), then keeps the sizes no larger size undercuts: a pass run by n rows is
+        padded to the cheapest size >= n (rows that skip it fill the pad; their output is dropped). CPU matrix
+        kernels can cost more at 13-15 rows than at 16 (BENCHMARKS.md, issue 16); padding then turns a loss into
+        no change. Sets :attr:`sub_batch_sizes` and returns {"cost_by_rows": {k: seconds}, "sizes": ...}; takes
+        about ``batch`` x ``calls`` layer calls."""
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        cost = layer_cost_by_rows(self.model, range(1, batch + 1), context=context, calls=calls)
+        sizes, best = [], float("inf")
+        for k in range(batch, 0, -1):  # keep k when it is cheaper than every larger size
+            if cost[k] < best:
+                sizes.append(k)
+                best = cost[k]
+        self.sub_batch_sizes = tuple(sorted(sizes))
+        return {"cost_by_rows": cost, "sizes": self.sub_batch_sizes}
+
     def stats(self) -> dict:
         n = max(self._sequences, 1)
         c = self._action_counts
@@ -614,3 +650,39 @@ def _ensure_slot(pkv, slot: int):
         extra = DynamicLayer()
     while len(layers) <= slot:
         layers.append(type(extra)() if type(extra) is not DynamicLayer else DynamicLayer())
+
+
+def layer_cost_by_rows(model, rows, context: int = 64, calls: int = 15) -> dict:
+    """Median wall time (s) of one decode-step call of the middle decoder layer for each k in ``rows`` (random
+    hidden states, a dynamic cache of ``context`` tokens, cropped back after each call): what a sub-batch of k
+    rows costs on this machine."""
+    import statistics
+    import time
+
+    from transformers import DynamicCache
+
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    layer = layers[len(layers) // 2]
+    rotary = adapter.decoder(model).rotary_emb
+    d = model.config.hidden_size
+    p = next(model.parameters())
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    with torch.no_grad():
+        for k in rows:
+            cache = DynamicCache(config=model.config)
+            h = torch.randn(k, context, d, generator=g).to(p.device, p.dtype)
+            pos = torch.arange(context, device=p.device).unsqueeze(0).expand(k, -1)
+            layer(h, position_embeddings=rotary(h, pos), position_ids=pos, past_key_values=cache, use_cache=True)
+            x = torch.randn(k, 1, d, generator=g).to(p.device, p.dtype)
+            pos1 = torch.full((k, 1), context, device=p.device)
+            pe1 = rotary(x, pos1)
+            ts = []
+            for _ in range(calls):
+                t = time.perf_counter()
+                layer(x, position_embeddings=pe1, position_ids=pos1, past_key_values=cache, use_cache=True)
+                ts.append(time.perf_counter() - t)
+                cache.layers[layer.self_attn.layer_idx].crop(-1)  # back to the context for the next call
+            out[k] = statistics.median(ts)
+    return out

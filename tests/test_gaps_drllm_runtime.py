@@ -175,16 +175,16 @@ def test_sub_batch_pass_rows_by_hand():
     from retrofit.methods.drllm.runtime import _Pass
 
     real = torch.tensor([False, True, False, True, True, False])
-    p = _Pass(real, (1, 3, 4), 6, 2)  # 3 rows run: padded to 4 with the first row that does not
+    p = _Pass(real, (1, 3, 4), 6, (2, 4, 6))  # 3 rows run: padded to 4 with the first row that does not
     assert p.key == (1, 3, 4) and not p.full
     assert p.rows.tolist() == [0, 1, 3, 4] and p.kept.tolist() == [1, 3, 4]
     assert p.kept_mask.tolist() == [False, True, True, True] and p.sel.tolist() == [1, 2, 3]
     assert p.keep.shape == (6, 1, 1) and p.keep.flatten().tolist() == real.tolist()
-    p = _Pass(real, (1, 3, 4), 6, 1)  # exactly the rows
+    p = _Pass(real, (1, 3, 4), 6, (1, 2, 3, 4, 5, 6))  # exactly the rows
     assert p.rows.tolist() == [1, 3, 4] and p.sel is None and not p.full
-    p = _Pass(torch.tensor([True, True, True, False]), (0, 1, 2), 4, 2)  # padding reaches the whole batch
+    p = _Pass(torch.tensor([True, True, True, False]), (0, 1, 2), 4, (2, 4))  # padding reaches the whole batch
     assert p.full and p.rows.tolist() == [0, 1, 2, 3] and p.sel.tolist() == [0, 1, 2]
-    p = _Pass(torch.tensor([True, False, True, True, True]), (0, 2, 3, 4), 5, 2)
+    p = _Pass(torch.tensor([True, False, True, True, True]), (0, 2, 3, 4), 5, (2, 4))
     assert not p.full and p.rows.tolist() == [0, 2, 3, 4] and p.sel is None
 
 

@@ -71,13 +71,13 @@ class _Request:
     ``routes[i]`` is None until layer i's actions are known, then a tuple with one entry per block pass that
     any row runs: None when every row runs it, else a :class:`_Pass`."""
 
-    __slots__ = ("plans", "routes", "sub_batch", "multiple", "rows", "slot_rows")
+    __slots__ = ("plans", "routes", "sub_batch", "sizes", "rows", "slot_rows")
 
-    def __init__(self, plans: torch.Tensor, num_layers: int, sub_batch: bool, multiple: int = 1):
+    def __init__(self, plans: torch.Tensor, num_layers: int, sub_batch: bool, sizes: tuple = ()):
         self.plans = plans
         self.routes: list[tuple | None] = [None] * num_layers
         self.sub_batch = sub_batch
-        self.multiple = multiple
+        self.sizes = sizes  # the sub-batch sizes to pad to (_Pass); () pads every pass to the whole batch
         self.rows: dict[tuple, _Pass] = {}
         self.slot_rows: list[_Pass | None] = []  # per cache slot: whom it holds (None: every row)
 
@@ -96,7 +96,7 @@ class _Request:
             real = acts > p + offset
             key = tuple(real.nonzero().flatten().tolist())
             if key not in self.rows:
-                self.rows[key] = _Pass(real, key, batch, self.multiple)
+                self.rows[key] = _Pass(real, key, batch, self.sizes)
             passes.append(self.rows[key])
         self.routes[i] = tuple(passes)
         return self.routes[i]
@@ -138,22 +138,19 @@ class _Request:
 
 class _Pass:
     """One block pass that only some rows run: ``real`` [B] bool, the rows whose output is kept (``key``: their
-    indices). With ``multiple`` > 1 the sub-batch is padded up to a multiple of it with rows that do not run the
-    pass (their output is dropped and their cache entries in this slot are never read): on CPUs an odd-sized
-    matrix product can cost more than the next even one. ``rows``: the sub-batch (sorted), ``sel``: where the
-    kept rows sit in it (None when all of it is kept), ``kept``: their indices; ``full``: the sub-batch is the
-    whole batch (then the block runs on every row and ``keep`` [B, 1, 1] picks the kept outputs)."""
+    indices). The sub-batch is padded to the smallest of ``sizes`` (increasing) that holds them, else the whole
+    batch, with rows that do not run the pass (their output is dropped and their cache entries in this slot are
+    never read): on CPUs some matrix product sizes cost more than larger ones. ``rows``: the sub-batch (sorted),
+    ``sel``: where the kept rows sit in it (None when all of it is kept), ``kept``: their indices; ``full``: the
+    sub-batch is the whole batch (then the block runs on every row and ``keep`` [B, 1, 1] picks the kept outputs)."""
 
     __slots__ = ("key", "kept", "rows", "sel", "kept_mask", "full", "keep")
 
-    def __init__(self, real: torch.Tensor, key: tuple, batch: int, multiple: int):
+    def __init__(self, real: torch.Tensor, key: tuple, batch: int, sizes: tuple):
         self.key = key
         self.keep = real.view(-1, 1, 1)
         n = len(key)
-        if isinstance(multiple, tuple):  # allowed sizes (calibrate_sub_batches): the smallest that holds n rows
-            size = min(batch, next((m for m in multiple if m >= n), batch))
-        else:
-            size = min(batch, -(-n // multiple) * multiple)
+        size = min(batch, next((m for m in sizes if m >= n), batch))
         self.full = size == batch
         self.kept = real.nonzero().flatten()
         if size > n:  # pad with the first rows that do not run the pass
@@ -353,7 +350,8 @@ class DrLLM(Method):
                         or any(isinstance(m, bool) or not isinstance(m, int) or m < 1 for m in sizes)):
                     raise ValueError(f"sub_batch_sizes must be None or an increasing tuple of positive integers "
                                      f"(calibrate_sub_batches() sets one), got {sizes!r}")
-                multiple = sizes
+            else:  # multiples of sub_batch_multiple
+                sizes = tuple(range(multiple, batch + 1, multiple))
             acts, deciding = self._initial_actions(batch, ref.device)
             st.actions, st.deciding = acts, deciding
             st.mask = kwargs.get("attention_mask")
@@ -363,7 +361,7 @@ class DrLLM(Method):
             # self._plans (last_plans) becomes these plans in the post hook, once the prefill has run: a prefill
             # that raises leaves the last finished request's plans there, not half-decided ones
             req = self._request = _Request(acts, self.num_layers, bool(self.sub_batch) and _sub_batch_cache(pkv),
-                                           multiple)
+                                           sizes)
             if not deciding:  # every layer's rows are known now: route them all at once
                 counts = torch.nn.functional.one_hot(acts, 3).sum(0).tolist()  # [L, 3]
                 for i in range(self.num_layers):

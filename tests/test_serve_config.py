@@ -190,12 +190,111 @@ class _Layer:
         return self.mlp(hidden_states), residual
 
 
+def _assert_stream_kept(got_h, got_r, hidden, residual, skip):
+    """A skipping token leaves a split layer as (0, its stream): hidden + residual exactly as it came in."""
+    import torch
+
+    stream = hidden if residual is None else hidden + residual
+    assert torch.equal(got_h[skip], torch.zeros_like(got_h[skip]))
+    assert torch.equal(got_h[skip] + got_r[skip], stream[skip])
+
+
+class _Proj:
+    """A vLLM linear layer: forward(x) -> (x @ w, None); counts the tokens it was given."""
+
+    def __init__(self, w):
+        self.w, self.tokens = w, []
+
+    def forward(self, x):
+        self.tokens.append(x.shape[0])
+        return x @ self.w, None
+
+    def __call__(self, x):
+        return self.forward(x)
+
+
+class _Attention:
+    """vLLM's LlamaAttention shape: qkv_proj, per-token work, an attention kernel over each request's own tokens
+    (causal, per request, like paged attention), o_proj. Records the q/k/v the kernel was given."""
+
+    def __init__(self, d, qsl, g):
+        import torch
+
+        self.d, self.qsl = d, qsl
+        self.qkv_proj = _Proj(torch.randn(d, 3 * d, generator=g) / d ** 0.5)
+        self.o_proj = _Proj(torch.randn(d, d, generator=g) / d ** 0.5)
+        self.seen = []
+
+    def __call__(self, positions, hidden_states):
+        import torch
+
+        qkv, _ = self.qkv_proj(hidden_states)
+        q, k, v = qkv.split([self.d] * 3, dim=-1)
+        q = q * torch.cos(positions[:, None].float())  # a per-token "rotary" step
+        self.seen.append(qkv)
+        out = torch.empty_like(q)
+        for s, e in zip(self.qsl[:-1], self.qsl[1:]):
+            a = (q[s:e] @ k[s:e].T).masked_fill(torch.ones(e - s, e - s).triu(1).bool(), float("-inf"))
+            out[s:e] = a.softmax(-1) @ v[s:e]
+        o, _ = self.o_proj(out)
+        return o
+
+
+class _ProjLayer(_Layer):
+    def __init__(self, d, seed, qsl):
+        import torch
+
+        super().__init__(d, seed)
+        self.self_attn = _Attention(d, qsl, torch.Generator().manual_seed(seed + 7))
+
+
+def test_projection_sub_batch_runs_qkv_and_o_on_the_running_tokens_only():
+    """With the projections installed, a split layer's q/k/v and o products see only the running tokens (the
+    skipping ones enter the kernel as zeros), and the running tokens' outputs equal the whole layer's."""
+    pytest.importorskip("vllm")
+    import torch
+
+    from retrofit.serve.vllm_model import _has_projections, _RowSubset, _sub_batch_layer, install_projection_sub_batches
+
+    T, d, qsl = 9, 16, [0, 4, 7, 9]
+    assert _has_projections(_ProjLayer(d, 0, qsl).self_attn) and not _has_projections(_Layer(d, 0).self_attn)
+    positions = torch.cat([torch.arange(4), torch.arange(3), torch.arange(2)])
+    g = torch.Generator().manual_seed(1)
+    hidden, residual = torch.randn(T, d, generator=g), torch.randn(T, d, generator=g)
+    run, skip = torch.tensor([0, 1, 2, 3, 7, 8]), torch.tensor([4, 5, 6])  # the middle request skips
+    for res in (residual, None):  # before the first executed layer vLLM's residual is None
+        layer, rows = _ProjLayer(d, 0, qsl), _RowSubset()
+        full_h, full_r = layer.forward(positions, hidden.clone(), None if res is None else res.clone())
+        install_projection_sub_batches(layer.self_attn, rows)
+        with pytest.raises(RuntimeError, match="already sub-batched"):
+            install_projection_sub_batches(layer.self_attn, rows)
+        layer.self_attn.qkv_proj.tokens.clear(), layer.self_attn.o_proj.tokens.clear()
+        got_h, got_r = _sub_batch_layer(layer, positions, hidden.clone(), None if res is None else res.clone(),
+                                        run, skip, rows)
+        assert layer.self_attn.qkv_proj.tokens == [6] and layer.self_attn.o_proj.tokens == [6]
+        assert rows.idx is None  # reset after the layer: an unsplit call runs vLLM's own projections
+        assert torch.equal(layer.self_attn.seen[-1][skip], torch.zeros(3, 3 * d))
+        torch.testing.assert_close(got_h[run], full_h[run], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got_r[run], full_r[run], rtol=1e-5, atol=1e-6)
+        _assert_stream_kept(got_h, got_r, hidden, res, skip)
+        # without the installed projections only the MLP half is a sub-batch: the same outputs
+        plain = _ProjLayer(d, 0, qsl)
+        alt_h, alt_r = _sub_batch_layer(plain, positions, hidden.clone(), None if res is None else res.clone(),
+                                        run, skip, rows)
+        assert plain.self_attn.qkv_proj.tokens == [T]
+        torch.testing.assert_close(alt_h, got_h, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(alt_r, got_r, rtol=1e-5, atol=1e-6)
+        again = layer.forward(positions, hidden.clone(), None if res is None else res.clone())
+        assert layer.self_attn.qkv_proj.tokens[-1] == T  # unset: the projections see every token
+        torch.testing.assert_close(again[0], full_h, rtol=1e-6, atol=1e-7)
+
+
 def test_mlp_sub_batch_equals_the_whole_layer_for_running_tokens_and_keeps_the_rest(tmp_path):
     pytest.importorskip("vllm")
     import torch
 
     from retrofit.core.plans import EXECUTE, SKIP
-    from retrofit.serve.vllm_model import RetrofitController, _mlp_sub_batch, _passthrough, _splittable, _Step
+    from retrofit.serve.vllm_model import RetrofitController, _splittable, _Step, _sub_batch_layer
 
     T, d = 9, 16
     layer = _Layer(d, 0)
@@ -219,16 +318,74 @@ def test_mlp_sub_batch_equals_the_whole_layer_for_running_tokens_and_keeps_the_r
     run, skip = splits[1]
     for res in (residual, None):  # before the first executed layer vLLM's residual is None
         full_h, full_r = layer.forward(positions, hidden.clone(), None if res is None else res.clone())
-        keep_h, keep_r = _passthrough(hidden.clone(), None if res is None else res.clone())
-        for run_idx, skip_idx in (splits[1], splits[8]):
-            got_h, got_r = _mlp_sub_batch(layer, positions, hidden.clone(), None if res is None else res.clone(),
-                                          run_idx, skip_idx)
+        for run_idx, skip_idx in (splits[1], splits[8]):  # exact, and padded with skipping tokens
+            got_h, got_r = _sub_batch_layer(layer, positions, hidden.clone(), None if res is None else res.clone(),
+                                            run_idx, skip_idx)
             torch.testing.assert_close(got_h[run], full_h[run], rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(got_r[run], full_r[run], rtol=1e-5, atol=1e-6)
-            assert torch.equal(got_h[skip], keep_h[skip]) and torch.equal(got_r[skip], keep_r[skip])
+            _assert_stream_kept(got_h, got_r, hidden, res, skip)
     with pytest.raises(ServeConfigError, match="sub_batch must be true or false, got 'yes'"):
         parse_serve_config({"allow_request_plans": True, "sub_batch": "yes"})
     assert not parse_serve_config({"allow_request_plans": True, "sub_batch": False}).sub_batch
     for bad in (0, True, 2.0):
         with pytest.raises(ServeConfigError, match="sub_batch_multiple must be a positive integer"):
             parse_serve_config({"allow_request_plans": True, "sub_batch_multiple": bad})
+
+
+@pytest.mark.parametrize("query_lens", [(3, 2, 4), (1, 1, 1)])
+def test_cpu_sub_metadata_attends_the_running_requests_as_the_whole_step_does(query_lens):
+    """The whole-layer sub-batch's attention metadata: vLLM's CPU attention kernel over just requests 0 and 2
+    (prefill chunks on cached context, and decoding) gives their rows of the whole step's output."""
+    pytest.importorskip("vllm")
+    import torch
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, CPUAttentionMetadata, _get_attn_isa
+
+    from retrofit.serve.vllm_model import _cpu_sub_metadata
+
+    heads, kv_heads, hd, bs = 4, 2, 32, 16
+    impl = CPUAttentionBackendImpl.__new__(CPUAttentionBackendImpl)  # its __init__ wants a whole vLLM config
+    impl.num_heads, impl.num_kv_heads, impl.head_size, impl.scale = heads, kv_heads, hd, hd ** -0.5
+    impl.sliding_window, impl.kv_cache_dtype = -1, "auto"
+    attn = type("Attn", (), {"impl": impl, "isa": _get_attn_isa(torch.float32, bs, hd, "auto")})()
+    g = torch.Generator().manual_seed(0)
+    seq_lens = torch.tensor([10, 7, 12], dtype=torch.int32)
+    qsl = [0]
+    for q in query_lens:
+        qsl.append(qsl[-1] + q)
+    T = qsl[-1]
+    key_cache = torch.randn(3, kv_heads, bs, hd, generator=g)
+    value_cache = torch.randn(3, kv_heads, bs, hd, generator=g)
+    block_table = torch.tensor([[0], [1], [2]], dtype=torch.int32)
+    slots = torch.cat([r * bs + torch.arange(int(seq_lens[r]) - q, int(seq_lens[r])) for r, q in enumerate(query_lens)])
+    qsl_t = torch.tensor(qsl, dtype=torch.int32)
+
+    def run(md, query):
+        out = torch.empty_like(query)
+        ops.cpu_attention_with_kv_cache(
+            query=query, key_cache=key_cache, value_cache=value_cache, output=out,
+            query_start_loc=md.query_start_loc, seq_lens=md.seq_lens, scale=impl.scale, causal=True,
+            alibi_slopes=None, sliding_window=impl.sliding_window, block_table=md.block_table, softcap=0,
+            scheduler_metadata=md.scheduler_metadata, s_aux=None, dynamic_causal=None, k_scale=1.0, v_scale=1.0,
+            kv_cache_dtype="auto")
+        return out
+
+    sched = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=3, num_heads=heads, num_kv_heads=kv_heads, head_dim=hd, seq_lens=seq_lens, dtype=torch.float32,
+        query_start_loc=qsl_t, causal=True, sliding_window_size=-1, isa=attn.isa, enable_kv_split=True)
+    md = CPUAttentionMetadata(num_actual_tokens=T, max_query_len=max(query_lens), query_start_loc=qsl_t,
+                              max_seq_len=12, seq_lens=seq_lens, block_table=block_table, slot_mapping=slots,
+                              scheduler_metadata=sched)
+    query = torch.randn(T, heads, hd, generator=g)
+    whole = run(md, query)
+    run_rows = torch.tensor([True, False, True])
+    run_idx = torch.cat([torch.arange(qsl[0], qsl[1]), torch.arange(qsl[2], qsl[3])])
+    sub, sub_slots = _cpu_sub_metadata(attn, md, slots, qsl, run_rows, run_idx, torch.float32)
+    assert sub.num_actual_tokens == run_idx.numel() and sub.max_query_len == max(query_lens[0], query_lens[2])
+    assert sub.query_start_loc.tolist() == [0, query_lens[0], query_lens[0] + query_lens[2]]
+    assert sub.seq_lens.tolist() == [10, 12] and sub.block_table.tolist() == [[0], [2]] and sub.max_seq_len == 12
+    assert torch.equal(sub_slots, slots[run_idx]) and torch.equal(sub.slot_mapping, slots[run_idx])
+    part = run(sub, query[run_idx].contiguous())
+    torch.testing.assert_close(part, whole[run_idx], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="not vLLM's CPU attention metadata"):
+        _cpu_sub_metadata(attn, object(), slots, qsl, run_rows, run_idx, torch.float32)

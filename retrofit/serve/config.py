@@ -11,10 +11,11 @@ requests may bring their own plan::
       "allow_request_plans": false,      # may a request send its own plan ("retrofit_plan")?
       "num_layers": 30,                  # optional: the model's decoder layers (`retrofit serve` fills it in), so
                                          # the API front end can refuse a plan of the wrong length (HTTP 400)
-      "sub_batch": true,                 # per-request mode: a layer's MLP runs only on the tokens of the requests
-                                         # that execute it (false: every token, the skipping ones kept as they were)
-      "sub_batch_multiple": 8            # pad such a sub-batch with skipping tokens to a multiple of this many
-    }                                    # tokens (CPU matrix kernels are slow at odd sizes); all tokens: no split
+      "sub_batch": true,                 # per-request mode: a layer's projections and MLP run only on the tokens
+                                         # of the requests that execute it (false: every token, the skipping ones
+                                         # kept as they were)
+      "sub_batch_multiple": 1            # pad such a sub-batch with skipping tokens to a multiple of this many
+    }                                    # tokens (for matrix kernels slow at odd sizes); all tokens: no split
 
 It reaches vLLM as ``hf_overrides={"architectures": ["RetrofitLlamaForCausalLM"], "retrofit": {...}}`` or as the
 environment variable ``RETROFIT_VLLM_CONFIG`` (a JSON string or the path of a JSON file); see docs/serve.md.
@@ -65,7 +66,7 @@ class ServeConfig:
     allow_request_plans: bool = False
     num_layers: int | None = None
     sub_batch: bool = True
-    sub_batch_multiple: int = 8
+    sub_batch_multiple: int = 1
 
     @property
     def static(self) -> bool:
@@ -141,7 +142,7 @@ def parse_serve_config(obj) -> ServeConfig:
     sub_batch = obj.get("sub_batch", True)
     if not isinstance(sub_batch, bool):
         raise ServeConfigError(f"sub_batch must be true or false, got {sub_batch!r}")
-    multiple = obj.get("sub_batch_multiple", 8)
+    multiple = obj.get("sub_batch_multiple", 1)
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
         raise ServeConfigError(f"sub_batch_multiple must be a positive integer (tokens), got {multiple!r}")
     return ServeConfig(plan=plan, artifacts=arts, default=default, allow_request_plans=allow,

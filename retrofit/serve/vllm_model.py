@@ -12,14 +12,17 @@ residual)`` unchanged to skip. Two modes, chosen from the serve config at load t
   under one plan must not serve another): before each forward the model reads every row's choice from
   :mod:`retrofit.serve.vllm_state`; a row's plan is decided at its prefill (routers decide layer by layer
   from the hidden states entering each layer, over the whole prompt: chunked prefill must be off) and kept
-  for its decoding. A layer runs when any row of the step needs it. Then, with ``sub_batch`` (the default), its
-  attention runs for every token of the step (vLLM's attention metadata and KV-cache slots describe the whole
-  step; a skipping request's entries in this layer are written but its outputs are dropped, and its later
-  tokens skip the layer too) and its MLP half -- post-attention norm and MLP, three quarters of a Llama
-  layer's weights -- runs only on the tokens of the requests that execute the layer (gathered, run, scattered
-  back; padded to a multiple of ``sub_batch_multiple`` tokens with skipping ones, whose MLP output is
-  dropped; when that is every token, the whole layer runs); the skipping tokens keep their stream. Without
-  ``sub_batch`` the whole layer runs for every token and ``torch.where`` keeps the skipping rows' stream.
+  for its decoding. A layer runs when any row of the step needs it. Then, with ``sub_batch`` (the default), it
+  runs on just the tokens of the requests that execute it. With vLLM's CPU attention backend that is the whole
+  layer through its own forward, while the step's attention metadata and KV-cache slots for that layer are
+  swapped for ones describing only those requests (:func:`_cpu_sub_metadata`); a skipping request writes no
+  cache entry there, and none is read, since its plan skips the layer for the whole request. Elsewhere (another
+  backend, or a sub-batch padded to a multiple of ``sub_batch_multiple`` tokens with skipping ones, default 1)
+  the attention kernel, input norm and rotary embedding run for every token, and the q/k/v and o projections and
+  the MLP half on the sub-batch (the skipping tokens enter the kernel with zero queries, keys and values; their
+  outputs are dropped). Either way a skipping token leaves with its stream unchanged, and the splits of a
+  decoding step are kept for the next steps of the same batch. Without ``sub_batch`` the whole layer runs for
+  every token and ``torch.where`` keeps the skipping rows' stream.
 
 ``repeat`` is refused with a clear error (a repeated block needs its own KV-cache slot, which vLLM's cache
 spec does not give a layer here); routers are served with repeat masked (``allow_repeat: false``).
@@ -49,7 +52,7 @@ __all__ = ["RetrofitLlamaForCausalLM", "RetrofitQwen2ForCausalLM", "RetrofitQwen
 
 
 class _Step:
-    __slots__ = ("acts", "qsl", "deciding", "rows", "pools", "layer_any", "layer_all", "tok_run", "split")
+    __slots__ = ("acts", "qsl", "deciding", "rows", "pools", "layer_any", "layer_all", "tok_run", "split", "attn")
 
     def __init__(self, acts, qsl, deciding, rows):
         self.acts = acts  # [R, L] long
@@ -60,6 +63,7 @@ class _Step:
         self.tok_run = None  # [T, L, 1] per-token run mask (decode-only steps with mixed plans)
         self.pools = {}  # row -> (averaging matrix, window weights, windows all filled, decision tables)
         self.split = {}  # run pattern of a layer (per row) -> (token indices that run it, that skip it)
+        self.attn = {}  # (attention layer name, run pattern) -> that sub-batch's attention metadata and slots
 
 
 class RetrofitController:
@@ -85,7 +89,10 @@ class RetrofitController:
         self.dynamic = not self.cfg.static
         self.sub_batch = self.cfg.sub_batch
         self.sub_batch_multiple = self.cfg.sub_batch_multiple
+        self.rows = _RowSubset()  # the tokens a sub-batched layer's projections run on, while it runs
         self.tokens_mlp_skipped = 0  # tokens whose MLP half a sub-batched layer did not run (for benchmarks)
+        self.tokens_attention_skipped = 0  # of those, tokens whose attention did not run either
+        self._attention_off: str | None = None  # why whole-layer sub-batches are off (logged once), or None
         if self.dynamic:
             mode = vllm_config.compilation_config.mode
             if mode not in (None, CompilationMode.NONE):
@@ -104,6 +111,7 @@ class RetrofitController:
                     "enable_chunked_prefill=False (--no-enable-chunked-prefill) and max_num_batched_tokens >= "
                     "max_model_len")
         self.step: _Step | None = None
+        self._fixed_step = None  # (signature of the last step whose plans were all known, what begin() derived)
         self.layers_run = 0  # decoder-layer passes actually executed (for benchmarks)
         self._step_layers_run = 0
         self.steps = 0
@@ -214,11 +222,16 @@ class RetrofitController:
             acts[r] = row.plan
         st = self.step = _Step(acts, qsl, deciding, rows)
         if not deciding:  # every row's plan is known: per-layer decisions and token masks once for the step
+            sig = (acts.numpy().tobytes(), tuple(qsl))  # decoding steps of one batch repeat it: reuse all of it
+            if self._fixed_step is not None and self._fixed_step[0] == sig:
+                st.layer_any, st.layer_all, st.tok_run, st.split = self._fixed_step[1]
+                return
             run = acts != SKIP
             st.layer_any = run.any(0).tolist()
             st.layer_all = run.all(0).tolist()
             if not all(st.layer_all):
                 st.tok_run = self._token_mask(st, run)  # [T, L, 1]
+            self._fixed_step = (sig, (st.layer_any, st.layer_all, st.tok_run, st.split))
 
     def end(self):
         st = self.step
@@ -267,8 +280,14 @@ class RetrofitController:
             self.sub_batch and layer is not None and _splittable(layer)) else None
         if split is not None:
             run_idx, skip_idx = split
-            self.tokens_mlp_skipped += hidden.shape[0] - int(run_idx.numel())
-            return _mlp_sub_batch(layer, positions, hidden, residual, run_idx, skip_idx)
+            skipped = hidden.shape[0] - int(run_idx.numel())
+            self.tokens_mlp_skipped += skipped
+            sub = self._attention_sub_batch(st, i, layer, positions, run_idx, skip_idx, hidden.shape[0],
+                                            hidden.dtype)
+            if sub is not None:
+                self.tokens_attention_skipped += skipped
+                return _whole_sub_batch(forward, positions, hidden, residual, run_idx, *sub)
+            return _sub_batch_layer(layer, positions, hidden, residual, run_idx, skip_idx, self.rows)
         new_h, new_r = forward(positions, hidden, residual)
         if st.tok_run is not None:
             tm = st.tok_run[:, i]
@@ -281,10 +300,16 @@ class RetrofitController:
         return torch.where(tm, new_h, hidden), torch.where(tm, new_r, old_r)
 
     def _split(self, st: "_Step", i: int, num_tokens: int, device):
-        """(tokens that run layer i's MLP half, tokens that skip layer i), or None when the sub-batch would be
+        """(tokens that run layer i's sub-batch, tokens that skip layer i), or None when the sub-batch would be
         every token. The running tokens are padded with the first skipping ones up to a multiple of
-        ``sub_batch_multiple`` (their MLP output is computed and dropped). The same for every layer with the same
-        per-row pattern, so computed once per pattern and step."""
+        ``sub_batch_multiple`` (their outputs are computed and dropped). The same for every layer with the same
+        per-row pattern, so computed once per pattern; when no row decides in the step, also looked up by layer,
+        and kept for the following steps of the same batch (:meth:`begin`)."""
+        fixed = (i, num_tokens) if not st.deciding else None
+        if fixed is not None:
+            hit = st.split.get(fixed, _MISSING)
+            if hit is not _MISSING:
+                return hit
         run = st.acts[:, i] != SKIP
         key = (tuple(run.tolist()), num_tokens)
         if key not in st.split:
@@ -298,7 +323,39 @@ class RetrofitController:
                 if size > len(run_idx):
                     run_idx = torch.sort(torch.cat([run_idx, skip_idx[: size - len(run_idx)]])).values
                 st.split[key] = (run_idx.to(device), skip_idx.to(device))
+        if fixed is not None:
+            st.split[fixed] = st.split[key]
         return st.split[key]
+
+    def _attention_sub_batch(self, st: "_Step", i: int, layer, positions, run_idx, skip_idx, num_tokens: int,
+                             dtype: torch.dtype):
+        """(forward context, layer name, the sub-batch's attention metadata, its KV-cache slots) so that the whole
+        layer, attention included, runs on the tokens ``run_idx`` alone; None where that is not possible (then
+        only the projections and the MLP are a sub-batch). Possible with vLLM's CPU attention backend when the
+        sub-batch is exactly the running requests' tokens (no padding) and the step's metadata is the plain
+        causal kind; the metadata of a run pattern is built once per step."""
+        if self._attention_off is not None or run_idx.numel() + skip_idx.numel() != num_tokens:
+            return None
+        attn = getattr(layer.self_attn, "attn", None)
+        name = getattr(attn, "layer_name", None)
+        fc = get_forward_context() if is_forward_context_available() else None
+        md_all = fc.attn_metadata if fc is not None else None
+        slots_all = fc.slot_mapping if fc is not None else None
+        if not isinstance(md_all, dict) or not isinstance(slots_all, dict) or name not in md_all \
+                or name not in slots_all or positions.dim() != 1:
+            return None
+        key = (name, id(run_idx))  # one index tensor per run pattern and step (_split), alive in st.split
+        hit = st.attn.get(key)
+        if hit is None:
+            try:
+                hit = _cpu_sub_metadata(attn, md_all[name], slots_all[name], st.qsl, st.acts[:, i] != SKIP,
+                                        run_idx, dtype)
+            except (TypeError, ValueError, RuntimeError, AttributeError) as e:
+                self._attention_off = str(e)
+                log.warning("retrofit: attention runs for every token of a split layer (%s)", e)
+                return None
+            st.attn[key] = hit
+        return (fc, name, *hit)
 
     @staticmethod
     def _token_mask(st: "_Step", run: torch.Tensor, num_tokens: int | None = None) -> torch.Tensor:
@@ -347,7 +404,10 @@ def retrofit_counters(model) -> dict:
     if ctl is None:
         return {}
     return {"steps": ctl.steps, "layers_run": ctl.layers_run, "plans_decided": ctl.plans_decided,
-            "tokens_mlp_skipped": ctl.tokens_mlp_skipped}
+            "tokens_mlp_skipped": ctl.tokens_mlp_skipped, "tokens_attention_skipped": ctl.tokens_attention_skipped}
+
+
+_MISSING = object()
 
 
 def _splittable(layer) -> bool:
@@ -356,24 +416,137 @@ def _splittable(layer) -> bool:
     return all(hasattr(layer, n) for n in ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp"))
 
 
-def _mlp_sub_batch(layer, positions, hidden, residual, run_idx, skip_idx):
-    """One decoder layer whose attention runs for every token of the step and whose MLP half runs only on the
-    tokens ``run_idx``; the tokens ``skip_idx`` leave with their stream unchanged (as :func:`_passthrough`).
-    The same operations as the layer's own forward, per token, so a running token's result does not depend on
-    which other tokens run (up to the float rounding of a smaller matrix product)."""
-    keep_h = hidden.index_select(0, skip_idx)  # copies: vLLM's fused add-norm may work in place
-    keep_r = residual.index_select(0, skip_idx) if residual is not None else torch.zeros_like(keep_h)
-    if residual is None:
+class _RowSubset:
+    """The tokens (an index tensor) that a sub-batched layer's q/k/v and o projections run on, set by
+    :func:`_sub_batch_layer` only while that layer runs; None otherwise (the projections run as vLLM's own)."""
+
+    __slots__ = ("idx",)
+
+    def __init__(self):
+        self.idx = None
+
+
+def _has_projections(attn) -> bool:
+    """vLLM attention modules of the served families: ``qkv, _ = qkv_proj(h)`` first, ``out, _ = o_proj(a)``
+    last, and in between only per-token work and the attention kernel."""
+    return hasattr(attn, "qkv_proj") and hasattr(attn, "o_proj")
+
+
+def install_projection_sub_batches(attn, rows: _RowSubset) -> None:
+    """Let a layer's q/k/v and o projections run on ``rows.idx`` only, while it is set: the q/k/v product runs on
+    those tokens and the others get zeros (queries, keys and values of tokens whose request skips the layer,
+    so no answer reads them); the o product runs on those tokens and returns just their rows, so the attention
+    module returns the sub-batch. With ``rows.idx`` None both are vLLM's own forward."""
+    if getattr(attn, "_retrofit_rows", None) is not None:
+        raise RuntimeError("retrofit: this attention module's projections are already sub-batched")
+    qkv_forward, o_forward = attn.qkv_proj.forward, attn.o_proj.forward
+
+    def qkv_rows(x):
+        idx = rows.idx
+        if idx is None:
+            return qkv_forward(x)
+        out = qkv_forward(x.index_select(0, idx))
+        y = out[0] if isinstance(out, tuple) else out
+        full = y.new_zeros((x.shape[0], y.shape[1])).index_copy_(0, idx, y)
+        return (full, *out[1:]) if isinstance(out, tuple) else full
+
+    def o_rows(x):
+        idx = rows.idx
+        return o_forward(x if idx is None else x.index_select(0, idx))
+
+    attn.qkv_proj.forward, attn.o_proj.forward = qkv_rows, o_rows
+    object.__setattr__(attn, "_retrofit_rows", rows)
+
+
+def _sub_batch_layer(layer, positions, hidden, residual, run_idx, skip_idx, rows: _RowSubset | None = None):
+    """One decoder layer that runs only for the tokens ``run_idx``, except for the attention kernel (and the
+    input norm and rotary embedding), which vLLM runs on the whole step; the tokens ``skip_idx`` leave with
+    their stream (hidden + residual) unchanged, as ``(0, stream)``. Where the attention's projections were installed
+    (:func:`install_projection_sub_batches`, sharing ``rows``) they run on ``run_idx`` too; otherwise the whole
+    attention runs for every token and only the MLP half is a sub-batch. The same operations as the layer's own
+    forward, per token, so a running token's result does not depend on which other tokens run (up to the float
+    rounding of a smaller matrix product)."""
+    if residual is None:  # before the first executed layer the stream is hidden alone
         residual = hidden
         h = layer.input_layernorm(hidden)
-    else:
+    else:  # the stream hidden + residual (vLLM's fused add-norm may write it into residual in place)
         h, residual = layer.input_layernorm(hidden, residual)
-    h = layer.self_attn(positions=positions, hidden_states=h)
-    hs, rs = layer.post_attention_layernorm(h.index_select(0, run_idx), residual.index_select(0, run_idx))
+    projected = rows is not None and getattr(layer.self_attn, "_retrofit_rows", None) is rows
+    if projected:
+        rows.idx = run_idx
+        try:
+            h = layer.self_attn(positions=positions, hidden_states=h)  # the running tokens' rows only
+        finally:
+            rows.idx = None
+    else:
+        h = layer.self_attn(positions=positions, hidden_states=h).index_select(0, run_idx)
+    hs, rs = layer.post_attention_layernorm(h, residual.index_select(0, run_idx))
     hs = layer.mlp(hs)
-    out_h = h.new_empty(h.shape).index_copy_(0, run_idx, hs).index_copy_(0, skip_idx, keep_h)
-    out_r = h.new_empty(h.shape).index_copy_(0, run_idx, rs).index_copy_(0, skip_idx, keep_r)
+    # a skipping token leaves as (0, its stream): the same stream hidden + residual, exactly (0 + x = x), in two
+    # scatters instead of keeping copies of both halves
+    out_h = hs.new_zeros(hidden.shape).index_copy_(0, run_idx, hs)
+    out_r = residual.index_copy(0, run_idx, rs)
+    if run_idx.numel() + skip_idx.numel() != hidden.shape[0]:  # padded with skipping tokens: theirs back
+        out_h.index_fill_(0, skip_idx, 0)
+        out_r.index_copy_(0, skip_idx, residual.index_select(0, skip_idx))
     return out_h, out_r
+
+
+def _cpu_sub_metadata(attn, md, slots: torch.Tensor, qsl: list, run_rows: torch.Tensor, run_idx: torch.Tensor,
+                      dtype: torch.dtype):
+    """vLLM's CPU attention metadata (and the layer's KV-cache slots) for the requests ``run_rows`` [R] bool of a
+    step whose requests' tokens lie at ``qsl``; ``run_idx`` are those requests' tokens; ``dtype`` the model's.
+    The same fields the
+    backend's builder makes (query offsets, sequence lengths, block table, the kernel's work schedule), for fewer
+    requests. Raises ValueError for metadata of another kind."""
+    from vllm import envs
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackendImpl, CPUAttentionMetadata
+
+    if type(md) is not CPUAttentionMetadata or not isinstance(attn.impl, CPUAttentionBackendImpl):
+        raise ValueError(f"{type(md).__name__} is not vLLM's CPU attention metadata")
+    if md.dynamic_causal is not None or md.use_sdpa_prefill or md.encoder_cache is not None:
+        raise ValueError("the step's attention metadata is not the plain causal kind")
+    R = run_rows.shape[0]
+    decode = qsl[-1] == R  # one token per request: the requests are their tokens
+    rows = run_idx if decode else run_rows.nonzero().flatten()
+    n = int(rows.numel())
+    if decode:
+        sub_qsl = torch.arange(n + 1, dtype=md.query_start_loc.dtype)
+        max_q = 1
+    else:
+        counts = torch.tensor([qsl[r + 1] - qsl[r] for r in rows.tolist()], dtype=md.query_start_loc.dtype)
+        sub_qsl = torch.zeros(n + 1, dtype=counts.dtype)
+        torch.cumsum(counts, 0, out=sub_qsl[1:])
+        max_q = int(counts.max())
+    rows_d = rows.to(md.seq_lens.device)
+    seq_lens = md.seq_lens.index_select(0, rows_d)
+    sub_qsl = sub_qsl.to(md.query_start_loc.device)
+    impl = attn.impl
+    sched = torch.ops._C.get_scheduler_metadata(  # vllm._custom_ops.cpu_attn_get_scheduler_metadata, as the builder
+        n, impl.num_heads, impl.num_kv_heads, impl.head_size, seq_lens, dtype, sub_qsl, md.causal,
+        impl.sliding_window, attn.isa, envs.VLLM_CPU_ATTN_SPLIT_KV, None, impl.kv_cache_dtype)
+    sub = CPUAttentionMetadata(
+        num_actual_tokens=int(run_idx.numel()), max_query_len=max_q, query_start_loc=sub_qsl,
+        max_seq_len=int(seq_lens.max()), seq_lens=seq_lens, block_table=md.block_table.index_select(0, rows_d),
+        slot_mapping=md.slot_mapping.index_select(0, run_idx.to(md.slot_mapping.device)),
+        scheduler_metadata=sched, causal=md.causal)
+    return sub, slots.index_select(0, run_idx.to(slots.device))
+
+
+def _whole_sub_batch(forward, positions, hidden, residual, run_idx, fc, name, sub_md, sub_slots):
+    """The whole decoder layer (its own forward) on the tokens ``run_idx`` alone, with the attention metadata and
+    KV-cache slots of just their requests in place of the step's while it runs; the other tokens leave as
+    ``(0, their stream)``: hidden + residual unchanged, exactly."""
+    md_all, slots_all = fc.attn_metadata, fc.slot_mapping
+    old_md, old_slots = md_all[name], slots_all[name]
+    md_all[name], slots_all[name] = sub_md, sub_slots
+    try:
+        h, r = forward(positions.index_select(0, run_idx), hidden.index_select(0, run_idx),
+                       None if residual is None else residual.index_select(0, run_idx))
+    finally:
+        md_all[name], slots_all[name] = old_md, old_slots
+    stream = hidden if residual is None else hidden + residual
+    return h.new_zeros(hidden.shape).index_copy_(0, run_idx, h), stream.index_copy(0, run_idx, r)
 
 
 def _passthrough(hidden, residual):
@@ -418,6 +591,8 @@ class _RetrofitMixin:
             layer.__class__ = _retrofit_layer_class(type(layer))
             object.__setattr__(layer, "retrofit_index", i)
             object.__setattr__(layer, "_retrofit_ctl", ctl)
+            if ctl.dynamic and ctl.sub_batch and _splittable(layer) and _has_projections(layer.self_attn):
+                install_projection_sub_batches(layer.self_attn, ctl.rows)
         object.__setattr__(self, "retrofit", ctl)
         log.info("retrofit: %s on %s, %s mode, artifacts %s, default %r, static skips %s", type(self).__name__,
                  self.hf_architecture, "per-request" if ctl.dynamic else "static", sorted(ctl.served),

@@ -238,6 +238,10 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--overhead-repeats", type=int, default=15)
     ap.add_argument("--batches", default="1,4,16")
+    ap.add_argument("--extra-batches", default="64",
+                    help="larger batches measured after the rest (fewer repeats), where a decode step's matrix "
+                         "products are compute-bound and a sub-batch costs its rows ('' to skip)")
+    ap.add_argument("--extra-repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--clock", choices=sorted(CLOCK), default="cpu",
@@ -258,8 +262,13 @@ def main():
     L = model.config.num_hidden_layers
     batches = [int(b) for b in args.batches.split(",")]
     B = max(batches)
-    prompts = [ex.prompt for ex in load_task("arc_easy", split="validation", limit=B)]
-    plans = draw_plans(B, L, args.seed)
+    extra = [int(b) for b in args.extra_batches.split(",") if b.strip()]
+    n_prompts = max([B, *extra])
+    prompts = [ex.prompt for ex in load_task("arc_easy", split="validation", limit=n_prompts)]
+    if len(prompts) < n_prompts:
+        raise SystemExit(f"ARC-Easy validation has {len(prompts)} questions; --batches / --extra-batches ask for "
+                         f"{n_prompts}")
+    plans = draw_plans(n_prompts, L, args.seed)  # row r's plan does not depend on how many rows are drawn
 
     overhead = router_overhead(model, tok, args.overhead_repeats)
 
@@ -270,6 +279,11 @@ def main():
         by_batch[str(b)] = measure_batch(model, h, ids, mask, plans[:b], args.new_tokens, args.repeats,
                                          all_rows=b == B and b > 1)
         print(b, json.dumps(by_batch[str(b)]), flush=True)
+    for b in extra:  # a row's plan is the same as at the smaller batches (draw_plans is sequential)
+        ids, mask = batch_inputs(tok, prompts[:b])
+        by_batch[str(b)] = measure_batch(model, h, ids, mask, plans[:b], args.new_tokens, args.extra_repeats)
+        print(b, json.dumps(by_batch[str(b)]), flush=True)
+    plans = plans[:B]
     ids, mask = batch_inputs(tok, prompts[:B])
     # the same mixed plans with sub-batches padded to the sizes this machine runs cheapest (calibrate_sub_batches)
     calibration = h.calibrate_sub_batches(B)
@@ -311,6 +325,10 @@ def main():
         "hf_batch": B,
         "hf_mixed_realised_fraction": big["realised_fraction"],
         "hf_by_batch": {k: v["realised_fraction"] for k, v in by_batch.items()},
+        "hf_extra_batches": extra,
+        "hf_extra_batches_definition": "batches above hf_batch (in hf_by_batch too), median of --extra-repeats: "
+                                       "the same drawn plans where a decode step's matrix products are "
+                                       "compute-bound, so a sub-batch's cost follows its rows",
         "hf_all_rows_realised_fraction": big.get("all_rows_realised_fraction"),
         "hf_details": by_batch,
         "hf_calibrated_realised_fraction": calibrated["realised_fraction"],

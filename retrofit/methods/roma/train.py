@@ -227,29 +227,57 @@ def _gold(tok, batch):
     return reqs, [c + x for c, x in reqs]
 
 
+def _choice_reqs(tok, batch):
+    """Every choice's (context, continuation) of every example, flattened, and each example's first row."""
+    flat, first = [], []
+    for ex in batch:
+        first.append(len(flat))
+        flat += _requests(tok, ex)
+    return flat, first
+
+
 @torch.no_grad()
-def frozen_prefix(handle, tok, examples, progress: bool = False) -> list[torch.Tensor]:
-    """Per example: the hidden states [T, d] of its gold sequence entering the first RoMA layer. Those layers
-    are frozen and come before every trainable gate, so they are computed once for all epochs."""
+def frozen_prefix(handle, tok, examples, progress: bool = False,
+                  task_loss: str = "continuation") -> list[torch.Tensor]:
+    """Per example: the hidden states entering the first RoMA layer of the sequences its task loss runs: [T, d]
+    of the gold sequence (``task_loss='continuation'``) or [C, T, d] of its C choice sequences, right padded
+    (``'choice'``). Those layers are frozen and come before every trainable gate, so they are computed once for
+    all epochs."""
     from tqdm.auto import tqdm
 
     dev = next(handle.model.parameters()).device
     out = []
     for ex in tqdm(examples, desc="frozen prefix", disable=not progress):
-        _, seqs = _gold(tok, [ex])
-        ids = torch.tensor(seqs, device=dev)
-        out.append(_run(handle.model, ids, 0, None, handle.layers[0])[0])
+        if task_loss == "choice":
+            ids, _ = pad_right([c + x for c, x in _requests(tok, ex)], pad_id(tok), dev)
+            out.append(_run(handle.model, ids, 0, None, handle.layers[0]))
+        else:
+            _, seqs = _gold(tok, [ex])
+            ids = torch.tensor(seqs, device=dev)
+            out.append(_run(handle.model, ids, 0, None, handle.layers[0])[0])
     return out
 
 
-def roma_loss(handle, tok, batch, R_nb=None, W=None, lam: float = 0.0, prefix: list[torch.Tensor] | None = None):
-    """(loss, task CE, manifold mean) for a batch of examples, gold continuation as target.
+def roma_loss(handle, tok, batch, R_nb=None, W=None, lam: float = 0.0, prefix: list[torch.Tensor] | None = None,
+              task_loss: str = "continuation"):
+    """(loss, task loss, manifold mean) for a batch of examples.
 
-    ``R_nb`` [B, k, D] neighbour routing vectors, ``W`` [B, k] their kernel weights (None: no manifold term).
-    ``prefix``: the batch's :func:`frozen_prefix` states (then only the layers from the first RoMA layer run).
+    ``task_loss``: 'continuation' (the gold continuation's mean token cross-entropy) or 'choice' (cross-entropy
+    of the gold choice under the softmax over the choices' summed log-likelihoods: lm-eval's ``acc`` decision,
+    made differentiable). ``R_nb`` [B, k, D] neighbour routing vectors, ``W`` [B, k] their kernel weights (None:
+    no manifold term). ``prefix``: the batch's :func:`frozen_prefix` states for the same ``task_loss`` (then only
+    the layers from the first RoMA layer run).
     """
     model = handle.model
-    reqs, seqs = _gold(tok, batch)
+    if task_loss == "choice":
+        reqs, first = _choice_reqs(tok, batch)
+        rows_of = [[f + j for j in range(ex.n_choices)] for f, ex in zip(first, batch)]
+        r_rows = [f + ex.gold for f, ex in zip(first, batch)]  # r at the prompt's last token (any choice's row)
+    else:
+        reqs, _ = _gold(tok, batch)
+        rows_of = None
+        r_rows = list(range(len(batch)))
+    seqs = [c + x for c, x in reqs]
     dev = next(model.parameters()).device
     ids, _ = pad_right(seqs, pad_id(tok), dev)
     T = ids.shape[1]
@@ -257,16 +285,25 @@ def roma_loss(handle, tok, batch, R_nb=None, W=None, lam: float = 0.0, prefix: l
         if prefix is None:
             hid = _run(model, ids)
         else:
-            h0 = torch.zeros(len(batch), T, prefix[0].shape[-1], dtype=prefix[0].dtype, device=dev)
-            for b, p in enumerate(prefix):
-                h0[b, :p.shape[0]] = p
+            h0 = torch.zeros(len(seqs), T, prefix[0].shape[-1], dtype=prefix[0].dtype, device=dev)
+            if task_loss == "choice":
+                for rows, p in zip(rows_of, prefix):
+                    h0[rows[0]:rows[-1] + 1, :p.shape[1]] = p
+            else:
+                for b, p in enumerate(prefix):
+                    h0[b, :p.shape[0]] = p
             hid = _run(model, ids, handle.layers[0], h0)
-    ce = torch.stack([-lp.mean() for lp in continuation_logprobs(hid, reqs, head=model.lm_head)]).mean()
+    lps = continuation_logprobs(hid, reqs, head=model.lm_head)
+    if task_loss == "choice":
+        ce = torch.stack([F.cross_entropy(torch.stack([lps[j].sum() for j in rows]).unsqueeze(0),
+                                          torch.tensor([ex.gold], device=dev))
+                          for rows, ex in zip(rows_of, batch)]).mean()
+    else:
+        ce = torch.stack([-lp.mean() for lp in lps]).mean()
     if R_nb is None or lam == 0:
         man = torch.zeros((), device=ce.device)
     else:
-        rows = [b * T + len(c) - 1 for b, (c, _) in enumerate(reqs)]
-        r = handle.routing_vectors(cap, rows)
+        r = handle.routing_vectors(cap, [b * T + len(reqs[b][0]) - 1 for b in r_rows])
         man = manifold_term(r, R_nb.to(r.device), W.to(r.device)).mean()
     return ce + lam * man, ce, man
 
@@ -315,9 +352,12 @@ def train_roma(model, tok, examples, cfg: RomaConfig | None = None, out_dir=None
             nb_idx = nb_w = None
 
         if prefix is None and cache_prefix:
-            prefix = frozen_prefix(handle, tok, examples, progress)
+            prefix = frozen_prefix(handle, tok, examples, progress, cfg.task_loss)
         if prefix is not None and len(prefix) != len(examples):
             raise ValueError("prefix= was computed for other examples")
+        if prefix is not None and any(p.dim() != (3 if cfg.task_loss == "choice" else 2) for p in prefix):
+            raise ValueError(f"prefix= was computed for another task_loss than {cfg.task_loss!r} "
+                             f"(frozen_prefix(..., task_loss={cfg.task_loss!r}))")
         params = handle.trainable(True)
         if any(p.requires_grad for p in model.parameters()):
             raise RuntimeError("the base model must stay frozen while RoMA trains its gate deltas")
@@ -338,7 +378,7 @@ def train_roma(model, tok, examples, cfg: RomaConfig | None = None, out_dir=None
                 else:
                     R_nb = W = None
                 loss, ce, man = roma_loss(handle, tok, batch, R_nb, W, cfg.lam,
-                                          [prefix[i] for i in bi] if prefix is not None else None)
+                                          [prefix[i] for i in bi] if prefix is not None else None, cfg.task_loss)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"RoMA loss became {loss.item()} at epoch {epoch}; lower the lr")
                 opt.zero_grad(set_to_none=True)

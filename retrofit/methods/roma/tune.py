@@ -207,6 +207,8 @@ def roma_study(model, tokenizer, train_examples: list, *, n_trials: int = 20, st
     url = storage_url(storage, DEFAULT_STORAGE)
     key = {"plain": bool(plain), "fit_ids": _ids_hash(fit_ids), "val_ids": _ids_hash(val_ids), "seed": seed,
            "n_moe": n_moe, "model": fingerprint(model)["weights_sha256"], "space": repr(SPACE)}
+    if base.task_loss != "continuation":  # (studies made before the option existed keep their key)
+        key["task_loss"] = base.task_loss
     name = study_name or f"roma-{'plain' if plain else 'lam'}-{len(ids)}-{_ids_hash(ids)[:8]}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():  # heartbeat / retry callback are marked experimental in some versions
@@ -236,7 +238,7 @@ def roma_study(model, tokenizer, train_examples: list, *, n_trials: int = 20, st
             h = retrofit.attach(model, "roma", **{**asdict(base), "num_layers": nl, "layers": None})
             try:
                 caches[nl] = (base_pass(h, tokenizer, fit, progress=False),
-                              frozen_prefix(h, tokenizer, fit, progress=False))
+                              frozen_prefix(h, tokenizer, fit, progress=False, task_loss=base.task_loss))
             finally:
                 h.detach()
         return caches[nl]

@@ -10,8 +10,8 @@ The first ``--train-limit`` ARC-Easy *train* questions are split exactly as ``ro
 (its λ, k) under both task losses (``RomaConfig.task_loss``): 'continuation' (the paper's: cross-entropy of the
 gold answer's tokens) and 'choice' (cross-entropy of the gold choice over the choices' summed log-likelihoods,
 the quantity lm-eval's ``acc`` ranks). Every trained set and the base model are then scored in one pass on the
-fit part (did training change the decisions it trained on?) and on the validation part (do they generalise?),
-with the mean gold-choice probability beside the accuracy.
+fit part (its first ``--fit-eval``: did training change the decisions it trained on?) and on the validation
+part (do they generalise?), with the mean gold-choice probability beside the accuracy.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def main():
     ap.add_argument("--losses", default="continuation,choice")
     ap.add_argument("--val-fraction", type=float, default=0.2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fit-eval", type=int, default=300, help="score the first N fit questions (0 = all)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     out_path = Path(args.out or REPO / ("runs/roma_task_loss_tiny.json" if args.tiny
@@ -99,7 +100,7 @@ def main():
     log(f"{type(model).__name__}, {n_moe} MoE layers, threads {torch.get_num_threads()}; ARC-Easy train "
         f"{len(train)} -> fit {len(fit)} / val {len(val)}")
 
-    cache = {}  # (num_layers, task_loss) -> (base pass, prefix)
+    passes, prefixes = {}, {}  # num_layers -> base pass; (num_layers, task_loss) -> frozen prefix
     deltas, reports = {"base": None}, {}
     widest = 0
     for sname in names:
@@ -109,16 +110,17 @@ def main():
         for loss in losses:
             for method, lm in (("plain_ft", 0.0), ("roma", lam)):
                 cfg = RomaConfig(num_layers=nl, lam=lm, k=k, lr=lr, epochs=epochs, seed=args.seed, task_loss=loss)
-                key = (nl, loss)
-                if key not in cache:
+                if (nl, loss) not in prefixes:
                     h = retrofit.attach(model, "roma", **asdict(cfg))
                     t0 = time.time()
                     try:
-                        cache[key] = (base_pass(h, tok, fit), frozen_prefix(h, tok, fit, True, loss))
+                        if nl not in passes:
+                            passes[nl] = base_pass(h, tok, fit)
+                        prefixes[nl, loss] = frozen_prefix(h, tok, fit, True, loss)
                     finally:
                         h.detach()
-                    log(f"base pass + frozen prefix ({nl} layers, {loss}): {time.time() - t0:.0f} s")
-                base, prefix = cache[key]
+                    log(f"base pass / frozen prefix ({nl} layers, {loss}): {time.time() - t0:.0f} s")
+                base, prefix = passes[nl], prefixes[nl, loss]
                 name = f"{sname}/{loss}/{method}"
                 t0 = time.time()
                 h, rep = train_roma(model, tok, fit, cfg, embeddings=emb if lm > 0 else None, base=base,
@@ -138,7 +140,8 @@ def main():
         on_val = score_sets(h, tok, val, deltas, "validation")
         log(f"validation scored in {time.time() - t0:.0f} s")
         t0 = time.time()
-        on_fit = score_sets(h, tok, fit, deltas, "fit")
+        fit_eval = fit[:args.fit_eval] if args.fit_eval else fit
+        on_fit = score_sets(h, tok, fit_eval, deltas, "fit")
         log(f"fit part scored in {time.time() - t0:.0f} s")
     finally:
         h.detach()
@@ -153,7 +156,7 @@ def main():
         va, vg, vok = on_val[n]
         fa, fg, _ = on_fit[n]
         rows[n] = {"val_acc": round(va, 4), "val_acc_stderr": se(va, len(val)), "val_gold_prob": round(vg, 4),
-                   "fit_acc": round(fa, 4), "fit_acc_stderr": se(fa, len(fit)), "fit_gold_prob": round(fg, 4),
+                   "fit_acc": round(fa, 4), "fit_acc_stderr": se(fa, len(fit_eval)), "fit_gold_prob": round(fg, 4),
                    "val_fixed_vs_base": sum(a and not b for a, b in zip(vok, base_val)),
                    "val_broken_vs_base": sum(b and not a for a, b in zip(vok, base_val))}
         log(f"{n:32s} val {va:.4f} (gold p {vg:.4f})  fit {fa:.4f} (gold p {fg:.4f})")
@@ -161,7 +164,7 @@ def main():
         "status": "script check on a tiny random Mixtral: numbers mean nothing" if args.tiny else
                   "real run on the MoE testbed",
         "model_fingerprint": fp,
-        "n_fit": len(fit), "n_val": len(val),
+        "n_fit": len(fit), "n_val": len(val), "n_fit_scored": len(fit_eval),
         "split": f"split_train_val(first {len(train)} ARC-Easy train questions, {args.val_fraction:g}, seed "
                  f"{args.seed}): the RoMA studies' split; no test item",
         "settings": {s: dict(zip(("lr", "lam", "k", "layers", "epochs"), SETTINGS[s])) for s in names},

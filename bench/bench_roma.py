@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -142,6 +143,11 @@ _HP_KEYS = ("lr", "lam", "k", "num_layers", "epochs", "sigma", "batch_size", "we
 
 def hyperparameters(cfgs: dict) -> dict:
     return {name: {k: getattr(c, k) for k in _HP_KEYS} for name, c in cfgs.items()}
+
+
+def _stderr(p: float, n: int) -> float:
+    """Binomial standard error of an accuracy p over n items."""
+    return round(math.sqrt(p * (1 - p) / n), 4) if n else float("nan")
 
 
 def _trial_counts(studies: dict | None) -> str:
@@ -332,6 +338,12 @@ def main():
             name: {"fixed": sum(1 for x, y in zip(res["base"][a]["correct"], res[name][a]["correct"]) if y and not x),
                    "broken": sum(1 for x, y in zip(res["base"][a]["correct"], res[name][a]["correct"]) if x and not y)}
             for name in cfgs},
+        "paired_roma_vs_plain_ft": {
+            "roma_right_plain_wrong": sum(1 for x, y in zip(res["plain_ft"][a]["correct"], res["roma"][a]["correct"])
+                                          if y and not x),
+            "plain_right_roma_wrong": sum(1 for x, y in zip(res["plain_ft"][a]["correct"], res["roma"][a]["correct"])
+                                          if x and not y)},
+        "acc_stderr": {name: {t: _stderr(r[t]["acc"], len(r[t]["correct"])) for t in r} for name, r in res.items()},
         "command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?") + " python " + " ".join(
             [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

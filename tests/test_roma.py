@@ -273,19 +273,24 @@ def test_embedder_minilm():
     assert sim[0, 1] > 0.7 and sim[0, 2] < 0.4
 
 
+def _frozen_with_random_deltas(family: str, n: int):
+    """A frozen tiny model of ``family``, ``n`` examples, and RoMA on its last 2 MoE layers with N(0, 0.3) deltas."""
+    m = tiny_model(family)
+    m.requires_grad_(False)
+    h = retrofit.attach(m, "roma", num_layers=2)
+    with torch.no_grad():
+        for p in h.deltas.values():
+            p.normal_(0, 0.3)
+    return m, _examples(n), h
+
+
 @pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "deepseek_v3"])
 def test_fast_paths_equal_plain_forward(family):
     """The scorer (LM head only at the answer tokens), the frozen-prefix training loss and the shared-prefix
     multi-delta scorer give what a plain ``model(ids)`` forward gives."""
     from retrofit.methods.roma.train import _requests, frozen_prefix, score_example_multi
 
-    m = tiny_model(family)
-    m.requires_grad_(False)
-    exs = _examples(5)
-    h = retrofit.attach(m, "roma", num_layers=2)
-    with torch.no_grad():
-        for p in h.deltas.values():
-            p.normal_(0, 0.3)
+    m, exs, h = _frozen_with_random_deltas(family, 5)
     ex = exs[0]
     scores, _ = score_example(m, TOK, ex)
     for (c, x), s in zip(_requests(TOK, ex), scores):
@@ -323,13 +328,7 @@ def test_choice_loss_is_the_cross_entropy_of_the_scored_choices(family):
     gradients; the manifold term is the continuation loss's (r at the prompt's last token, the same in both)."""
     from retrofit.methods.roma.train import frozen_prefix
 
-    m = tiny_model(family)
-    m.requires_grad_(False)
-    exs = _examples(4)
-    h = retrofit.attach(m, "roma", num_layers=2)
-    with torch.no_grad():
-        for p in h.deltas.values():
-            p.normal_(0, 0.3)
+    m, exs, h = _frozen_with_random_deltas(family, 4)
     want = []
     for ex in exs:
         scores, _ = score_example(m, TOK, ex)

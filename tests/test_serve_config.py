@@ -389,3 +389,50 @@ def test_cpu_sub_metadata_attends_the_running_requests_as_the_whole_step_does(qu
     torch.testing.assert_close(part, whole[run_idx], rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="not vLLM's CPU attention metadata"):
         _cpu_sub_metadata(attn, object(), slots, qsl, run_rows, run_idx, torch.float32)
+
+
+def test_whole_sub_batch_swaps_the_layers_metadata_only_while_it_runs_and_keeps_the_skipping_streams():
+    """_whole_sub_batch alone: the layer's forward sees just the running tokens, with the sub-batch's attention
+    metadata and KV-cache slots in place of the step's for that layer only; both are put back afterwards (also
+    when the forward raises); running tokens get the forward's (hidden, residual), the others (0, their stream)."""
+    pytest.importorskip("vllm")
+    import torch
+
+    from retrofit.serve.vllm_model import _whole_sub_batch
+
+    T, d = 6, 4
+    g = torch.Generator().manual_seed(0)
+    hidden, residual = torch.randn(T, d, generator=g), torch.randn(T, d, generator=g)
+    positions = torch.arange(10, 10 + T)
+    run_idx = torch.tensor([0, 2, 3])
+    step_md, step_slots, sub_md, sub_slots = object(), torch.arange(T), object(), torch.tensor([7, 8, 9])
+    other_md = object()
+    fc = SimpleNamespace(attn_metadata={"l1": step_md, "l2": other_md},
+                         slot_mapping={"l1": step_slots, "l2": torch.arange(T)})
+    seen = []
+
+    def forward(pos, h, r):
+        seen.append((pos.clone(), h.clone(), None if r is None else r.clone(), fc.attn_metadata["l1"],
+                     fc.slot_mapping["l1"], fc.attn_metadata["l2"]))
+        return 2 * h + pos[:, None], h - (0 if r is None else r)
+
+    for res in (residual, None):
+        seen.clear()
+        out_h, out_r = _whole_sub_batch(forward, positions, hidden, res, run_idx, fc, "l1", sub_md, sub_slots)
+        pos, h_in, r_in, md_in, slots_in, md2_in = seen[0]
+        assert torch.equal(pos, positions[run_idx]) and torch.equal(h_in, hidden[run_idx])
+        assert (r_in is None) == (res is None) and (res is None or torch.equal(r_in, res[run_idx]))
+        assert md_in is sub_md and slots_in is sub_slots and md2_in is other_md  # this layer's entries only
+        assert fc.attn_metadata["l1"] is step_md and fc.slot_mapping["l1"] is step_slots  # put back
+        want_h, want_r = forward(positions[run_idx], hidden[run_idx], None if res is None else res[run_idx])
+        skip = torch.tensor([1, 4, 5])
+        stream = hidden if res is None else hidden + res
+        assert torch.equal(out_h[run_idx], want_h) and torch.equal(out_r[run_idx], want_r)
+        assert torch.equal(out_h[skip], torch.zeros(3, d)) and torch.equal(out_r[skip], stream[skip])
+
+    def broken(pos, h, r):
+        raise RuntimeError("kernel failed")
+
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        _whole_sub_batch(broken, positions, hidden, residual, run_idx, fc, "l1", sub_md, sub_slots)
+    assert fc.attn_metadata["l1"] is step_md and fc.slot_mapping["l1"] is step_slots

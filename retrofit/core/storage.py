@@ -5,9 +5,10 @@ Defined here (not in ``search``) because ``methods`` may not import ``search`` (
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
-__all__ = ["storage_url"]
+__all__ = ["open_storage", "storage_url"]
 
 
 def storage_url(storage: str | None, default: str = "sqlite:///runs/optuna.db") -> str:
@@ -21,3 +22,24 @@ def storage_url(storage: str | None, default: str = "sqlite:///runs/optuna.db") 
         if str(path) not in ("", ":memory:"):
             path.parent.mkdir(parents=True, exist_ok=True)
     return storage
+
+
+def open_storage(url: str, *, attempts: int = 6, wait_s: float = 0.5, **kwargs):
+    """``optuna.storages.RDBStorage(url, **kwargs)``, retried when another process is creating the same new
+    database at that moment: two studies started side by side on one fresh SQLite file race on writing its
+    schema version (``IntegrityError: UNIQUE constraint failed: alembic_version``) or find it locked; the second
+    opener succeeds once the first has finished. Waits ``wait_s``, doubling, for up to ``attempts`` tries, then
+    raises a RuntimeError that names the storage."""
+    import optuna
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+        raise ValueError(f"attempts must be a positive integer, got {attempts!r}")
+    for i in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except (IntegrityError, OperationalError) as e:
+            if i == attempts - 1:
+                raise RuntimeError(f"could not open the study storage {url} after {attempts} tries (another "
+                                   f"process kept it busy): {type(e).__name__}: {str(e).splitlines()[0]}") from e
+            time.sleep(wait_s * 2 ** i)

@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import Callable
 
 from retrofit.core.plans import ACTIONS, plan_passes
-from retrofit.core.storage import storage_url  # re-exported: defined once in core
+from retrofit.core.storage import open_storage, storage_url  # storage_url re-exported: defined once in core
 
 from .evaluator import PlanEvaluator
 from .mcts import budget_passes
@@ -37,7 +37,7 @@ def run_study(objective: Callable, *, study_name: str, storage: str | None = Non
         with warnings.catch_warnings():  # optuna 5 deprecates constraints_func but keeps it working
             warnings.simplefilter("ignore", FutureWarning)
             sampler = optuna.samplers.TPESampler(seed=seed, constraints_func=constraints_func)
-    study = optuna.create_study(study_name=study_name, storage=storage_url(storage), direction=direction,
+    study = optuna.create_study(study_name=study_name, storage=open_storage(storage_url(storage)), direction=direction,
                                 sampler=sampler, load_if_exists=True)
     if enqueue and len(study.trials) == 0:
         for params in enqueue:

@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from retrofit.core.storage import storage_url
+from retrofit.core.storage import open_storage, storage_url
 from retrofit.methods.roma.config import RomaConfig
 from retrofit.methods.roma.train import base_pass, embed_texts, frozen_prefix, score_example, train_roma
 
@@ -213,7 +213,7 @@ def roma_study(model, tokenizer, train_examples: list, *, n_trials: int = 20, st
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():  # heartbeat / retry callback are marked experimental in some versions
         warnings.simplefilter("ignore")
-        rdb = optuna.storages.RDBStorage(
+        rdb = open_storage(
             url, heartbeat_interval=60, grace_period=180,
             failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
     sampler = optuna.samplers.TPESampler(seed=seed)

@@ -43,3 +43,8 @@ def test_open_storage_retries_the_schema_race_and_then_names_the_storage(monkeyp
     assert len(calls) == 3
     with pytest.raises(ValueError, match="attempts"):
         open_storage(url, attempts=0)
+    calls.clear()
+    monkeypatch.setattr(optuna.storages, "RDBStorage", real)
+    from sqlalchemy.exc import OperationalError
+    with pytest.raises(OperationalError, match="unable to open database file"):  # not the race: raised at once
+        open_storage(f"sqlite:///{tmp_path / 'no' / 'such' / 'dir' / 'x.db'}", wait_s=100)

@@ -39,6 +39,9 @@ def open_storage(url: str, *, attempts: int = 6, wait_s: float = 0.5, **kwargs):
         try:
             return optuna.storages.RDBStorage(url, **kwargs)
         except (IntegrityError, OperationalError) as e:
+            msg = str(e).lower()
+            if isinstance(e, OperationalError) and "locked" not in msg and "already exists" not in msg:
+                raise  # not the race (a wrong path, a broken file): no waiting
             if i == attempts - 1:
                 raise RuntimeError(f"could not open the study storage {url} after {attempts} tries (another "
                                    f"process kept it busy): {type(e).__name__}: {str(e).splitlines()[0]}") from e

@@ -135,7 +135,8 @@ def main():
     arc = load_task("arc_easy", split="test", limit=args.arc_limit)
     log(f"{len(chunks)} text chunks of {args.ctx}+{args.cont} tokens; {len(arc)} ARC-Easy test questions")
 
-    def text_loss(handle, chunks, ctx):
+    def text_loss(handle, chunks, ctx, per_chunk=None):
+        """Mean next-token loss per token over ``chunks``; each chunk's own mean appended to ``per_chunk``."""
         nll, n = 0.0, 0
         for c in chunks:
             if handle is not None:
@@ -146,12 +147,15 @@ def main():
                 a, b = cont_loss(model, c, ctx)
             nll += a
             n += b
+            if per_chunk is not None:
+                per_chunk.append(a / b)
         return nll / n
 
     def run(handle):
-        """(text loss per token, ARC acc, seconds, per-item correct list); handle=None: base model."""
+        """(text loss per token, ARC acc, seconds, per-item correct list, per-chunk losses); handle=None: base."""
         t0 = time.perf_counter()
-        loss = text_loss(handle, chunks, args.ctx)
+        per_chunk = []
+        loss = text_loss(handle, chunks, args.ctx, per_chunk)
         t_text = time.perf_counter() - t0
         t0 = time.perf_counter()
         correct = []
@@ -164,23 +168,27 @@ def main():
                 s = choice_scores(model, tok, ex.prompt, ex.choices)
             correct.append(int(max(range(len(s)), key=s.__getitem__) == ex.gold))
         t_arc = time.perf_counter() - t0
-        return loss, sum(correct) / len(correct), t_text, t_arc, correct
+        return loss, sum(correct) / len(correct), t_text, t_arc, correct, per_chunk
 
     params0 = {n: p.detach().clone() for n, p in model.named_parameters()}
-    base_loss, base_acc, bt_text, bt_arc, base_correct = run(None)
+    base_loss, base_acc, bt_text, bt_arc, base_correct, base_chunks = run(None)
     log(f"base: loss {base_loss:.4f}, ARC acc {base_acc:.4f} ({bt_text:.0f} s text, {bt_arc:.0f} s ARC)")
     results = {}
     for name, kw in variants.items():
         h = retrofit.attach(model, "reroute", **{**common, **kw})
         try:
-            loss, acc, t_text, t_arc, correct = run(h)
+            loss, acc, t_text, t_arc, correct, per_chunk = run(h)
             st = h.stats()
         finally:
             h.detach()
+        # paired over the same chunks (each chunk's mean loss; all chunks have the same length): base - reroute
+        gains = [b - r for b, r in zip(base_chunks, per_chunk)]
+        gain, gain_se = mean_se(gains)
         results[name] = {
             "config": kw, "schedule": st["schedule"], "steps_per_adaptation": h.config.effective_steps,
             "window": st["window"],
-            "reroute_loss": loss, "reroute_acc": acc,
+            "reroute_loss": loss, "reroute_acc": acc, "reroute_acc_stderr": binomial_se(acc, len(correct)),
+            "loss_gain": gain, "loss_gain_stderr": gain_se, "chunks_improved": sum(1 for g in gains if g > 0),
             "time_overhead": (t_text + t_arc) / (bt_text + bt_arc) - 1,
             "time_overhead_text": t_text / bt_text - 1, "time_overhead_arc": t_arc / bt_arc - 1,
             "adaptations": st["adaptations"], "adapt_time_s": st["time_s"],
@@ -188,7 +196,9 @@ def main():
             "arc_flips": {"wrong_to_right": sum(1 for a, b in zip(base_correct, correct) if b > a),
                           "right_to_wrong": sum(1 for a, b in zip(base_correct, correct) if b < a)},
         }
-        log(f"{name}: loss {loss:.4f} (base {base_loss:.4f}), ARC acc {acc:.4f} (base {base_acc:.4f}), "
+        log(f"{name}: loss {loss:.4f} (base {base_loss:.4f}; gain {results[name]['loss_gain']:.4f} +- "
+            f"{results[name]['loss_gain_stderr']:.4f}, {results[name]['chunks_improved']}/{len(chunks)} chunks "
+            f"better), ARC acc {acc:.4f} (base {base_acc:.4f}), "
             f"overhead {results[name]['time_overhead']:.2f}; layers chosen {st['layer_counts']}")
     long = None
     if args.long_ctx:
@@ -228,6 +238,12 @@ def main():
                          f"the next {args.cont}", "arc_easy_test": len(arc)},
         "base_loss": base_loss, "base_acc": base_acc,
         "reroute_loss": results[main_v]["reroute_loss"], "reroute_acc": results[main_v]["reroute_acc"],
+        "n_text_chunks": len(chunks), "n_arc": len(arc),
+        "base_acc_stderr": binomial_se(base_acc, len(arc)),
+        "reroute_acc_stderr": results[main_v]["reroute_acc_stderr"],
+        "reroute_loss_gain": results[main_v]["loss_gain"],
+        "reroute_loss_gain_stderr": results[main_v]["loss_gain_stderr"],
+        "reroute_arc_flips": results[main_v]["arc_flips"],
         "paper_schedule_loss": paper_v.get("reroute_loss"), "paper_schedule_acc": paper_v.get("reroute_acc"),
         **_gen_keys(gen),
         "time_overhead_scoring": results[main_v]["time_overhead"],
@@ -243,6 +259,19 @@ def main():
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     log(f"wrote {args.out}")
+
+
+def binomial_se(p: float, n: int) -> float:
+    return (p * (1 - p) / max(n, 1)) ** 0.5
+
+
+def mean_se(xs: list[float]) -> tuple[float, float]:
+    """Mean and its standard error (sample standard deviation / sqrt(n); 0 for fewer than 2 values)."""
+    n = len(xs)
+    m = sum(xs) / max(n, 1)
+    if n < 2:
+        return m, 0.0
+    return m, (sum((x - m) ** 2 for x in xs) / (n - 1) / n) ** 0.5
 
 
 def _gen_keys(gen: dict) -> dict:

@@ -13,12 +13,13 @@ router confidence, default schedule; ``steps<N>``: the default with N steps), ad
 
 * held-out text: ``--chunks`` windows of the Shakespeare tail the gate fit never read; adapt on the first
   ``--ctx`` tokens, then the next-token loss on the following ``--cont`` tokens (``base_loss`` / ``reroute_loss``,
-  mean per token) -- the deltas never see the tokens they are scored on;
+  mean per token) -- the deltas never see the tokens they are scored on; ``loss_gain`` +- ``loss_gain_stderr``:
+  base - reroute paired over the chunks (each chunk's mean), ``chunks_improved`` of ``n_text_chunks``;
 * ARC-Easy test (first ``--arc-limit`` questions): adapt on the prompt ("Question: ...\\nAnswer:"), then lm-eval's
   ``acc`` (summed log-likelihood of " " + choice) with the adapted deltas (``base_acc`` / ``reroute_acc``);
-* ``--long-ctx`` (0: off): the held-out text again with that many context tokens: base, default, paper, and the
-  default with ``window=--long-window`` (the loss on the last 128 positions, the prefix a fixed no-grad KV
-  cache) (``long_context``; losses and CPU seconds of the whole text pass).
+* ``--long-ctx`` (0: off): the held-out text again (``--long-chunks`` windows) with that many context tokens:
+  base, default, paper, and the default with ``window=--long-window`` (the loss on the last 128 positions, the
+  prefix a fixed no-grad KV cache) (``long_context``; losses and CPU seconds of the whole text pass).
 
 ``reroute_loss`` / ``reroute_acc``: the ``default`` variant; ``paper_schedule_loss`` / ``paper_schedule_acc``: the
 ``paper`` variant.
@@ -79,6 +80,7 @@ def main():
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--optimizer", default="adam")
     ap.add_argument("--long-ctx", type=int, default=0, help="context tokens of the long-context text check (0: off)")
+    ap.add_argument("--long-chunks", type=int, default=0, help="chunks of the long-context check (0: --chunks)")
     ap.add_argument("--long-window", type=int, default=128, help="window of the long-context check's window arm")
     ap.add_argument("--num-layers", type=int, default=0, help="layers for the confidence orderings (0: a third)")
     ap.add_argument("--gen-prompts", type=int, default=4)
@@ -203,8 +205,9 @@ def main():
     long = None
     if args.long_ctx:
         W = args.long_ctx + args.cont
-        stride = max(W, (len(text_ids) - W) // max(args.chunks, 1))
-        long_chunks = [torch.tensor(text_ids[s:s + W]) for s in range(0, len(text_ids) - W, stride)][:args.chunks]
+        n_long = args.long_chunks or args.chunks
+        stride = max(W, (len(text_ids) - W) // max(n_long, 1))
+        long_chunks = [torch.tensor(text_ids[s:s + W]) for s in range(0, len(text_ids) - W, stride)][:n_long]
         long = {"ctx": args.long_ctx, "cont": args.cont, "chunks": len(long_chunks)}
         t0 = time.process_time()
         long["base_loss"] = text_loss(None, long_chunks, args.long_ctx)

@@ -96,7 +96,7 @@ def main():
     from retrofit.moe.moefy import heldout_text
     from retrofit.core.data import load_task
 
-    from runlog import RunLog
+    from runlog import RunLog, command_line
 
     log = RunLog()
     t_start, log_lines = log.t0, log.lines
@@ -127,7 +127,7 @@ def main():
     if args.generation_only:
         out = json.loads(Path(args.out).read_text())
         gen = generation_overhead(model, text_ids, args, log)
-        out.update({**_gen_keys(gen), "generation_command": "OMP_NUM_THREADS=1 python " + " ".join(sys.argv)})
+        out.update({**_gen_keys(gen), "generation_command": command_line()})
         Path(args.out).write_text(json.dumps(out, indent=1))
         log(f"updated {args.out}")
         return
@@ -232,7 +232,7 @@ def main():
     main_v = "default" if "default" in results else next(iter(results))
     paper_v = results.get("paper", {})
     out = {
-        "command": "OMP_NUM_THREADS=1 python " + " ".join(sys.argv),
+        "command": command_line(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": "tiny random Mixtral (script check only)" if args.tiny else "MoE testbed (SmolLM2-135M, moefy)",
         "fingerprint": fingerprint(model),

@@ -112,7 +112,7 @@ def main():
                                         steering_masks)
     from retrofit.core.data import data_dir
 
-    from runlog import RunLog
+    from runlog import RunLog, command_line
 
     log = RunLog()
     t_start, log_lines = log.t0, log.lines
@@ -222,7 +222,7 @@ def main():
     main_v = "middle_soft"
     ok = "acc" in res.get(main_v, {})
     out = {
-        "command": "OMP_NUM_THREADS=1 python " + " ".join(sys.argv),
+        "command": command_line(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": "tiny random Mixtral (script check only)" if args.tiny else "MoE testbed (SmolLM2-135M, moefy)",
         "fingerprint": fingerprint(model),

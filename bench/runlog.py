@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+
+
+def command_line() -> str:
+    """The command that ran this script, with the OMP_NUM_THREADS it really ran under (not a fixed guess)."""
+    return f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} python " + " ".join(sys.argv)
 
 
 class RunLog:

@@ -36,6 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from retrofit.arch.gates import GateHook  # noqa: E402
+from retrofit.artifacts import fingerprint  # noqa: E402
 from retrofit.models import load_model  # noqa: E402
 from retrofit.moe.distill import kl_to_teacher  # noqa: E402
 from retrofit.moe.moefy import (SHAKESPEARE_HELDOUT_START, MoefyConfig, _complete, build_testbed,  # noqa: E402
@@ -175,6 +176,9 @@ def main():
             "routed_mlp_fraction": round((1536 - args.shared) / 1536, 4),
             "model": f"SmolLM2-135M-Instruct -> {report.get('architecture')} (retrofit moefy)",
             "testbed_dir": str(paths["moe"]), "gates_only_dir": str(paths["gates_only"]),
+            # which build was measured: other results files (roma.json, reroute.json, steer.json) record the same
+            # hash, and a rebuild on another machine gives other weights (float order in the distillation)
+            "weights_sha256": {k: fingerprint(m)["weights_sha256"] for k, m in models.items()},
             "moefy": {k: report[k] for k in ("config", "mean", "tokens_captured", "tokens_fit", "seconds")},
             "distill": report.get("distill", prev.get("distill")),
             "kl": f"KL(dense || model) per token on the first {args.kl_seqs} held-out sequences",

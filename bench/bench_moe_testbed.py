@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -42,6 +41,7 @@ from retrofit.moe.distill import kl_to_teacher  # noqa: E402
 from retrofit.moe.moefy import (SHAKESPEARE_HELDOUT_START, MoefyConfig, _complete, build_testbed,  # noqa: E402
                                 heldout_text, read_report, testbed_dir)
 from retrofit.search.evaluator import PlanEvaluator, naive_scores  # noqa: E402
+from runlog import command_line  # noqa: E402
 from retrofit.core.data import load_task  # noqa: E402
 
 
@@ -176,8 +176,8 @@ def main():
             "routed_mlp_fraction": round((1536 - args.shared) / 1536, 4),
             "model": f"SmolLM2-135M-Instruct -> {report.get('architecture')} (retrofit moefy)",
             "testbed_dir": str(paths["moe"]), "gates_only_dir": str(paths["gates_only"]),
-            # which build was measured: other results files (roma.json, reroute.json, steer.json) record the same
-            # hash, and a rebuild on another machine gives other weights (float order in the distillation)
+            # which build was measured (the other MoE results files record their model's fingerprint too): a rebuild
+            # on another machine gives other weights (float summation order in the distillation)
             "weights_sha256": {k: fingerprint(m)["weights_sha256"] for k, m in models.items()},
             "moefy": {k: report[k] for k in ("config", "mean", "tokens_captured", "tokens_fit", "seconds")},
             "distill": report.get("distill", prev.get("distill")),
@@ -192,8 +192,7 @@ def main():
             "random_routing": "on the distilled testbed: gate logits replaced by N(0,1) draws through GateHook "
                               "(seeded), then the router's own softmax -> top-k -> renormalise",
             "paired_acc": paired(),
-            "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} python bench/bench_moe_testbed.py "
-                       + " ".join(sys.argv[1:]),
+            "command": command_line(),
             "earlier_part": {k: prev[k] for k in ("command", "date", "seconds") if k in prev} if prev else None,
             "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "threads": torch.get_num_threads(),

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -219,7 +218,7 @@ def main():
     from retrofit.methods.roma.train import embed_texts
     from retrofit.core.data import load_task
 
-    from runlog import RunLog
+    from runlog import RunLog, command_line
 
     log = RunLog()
     t_start, lines = log.t0, log.lines
@@ -344,8 +343,7 @@ def main():
             "plain_right_roma_wrong": sum(1 for x, y in zip(res["plain_ft"][a]["correct"], res["roma"][a]["correct"])
                                           if x and not y)},
         "acc_stderr": {name: {t: _stderr(r[t]["acc"], len(r[t]["correct"])) for t in r} for name, r in res.items()},
-        "command": "OMP_NUM_THREADS=" + os.environ.get("OMP_NUM_THREADS", "?") + " python " + " ".join(
-            [os.path.relpath(sys.argv[0], REPO)] + sys.argv[1:]),
+        "command": command_line(),
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.time() - t_start, 1),
         "threads": torch.get_num_threads(),

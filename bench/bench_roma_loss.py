@@ -85,7 +85,7 @@ def main():
     from retrofit.methods.roma.tune import layers_for, split_train_val
     from retrofit.moe.moefy import load_bench_model
 
-    from runlog import RunLog
+    from runlog import RunLog, command_line
 
     log = RunLog()
     torch.manual_seed(args.seed)
@@ -170,7 +170,7 @@ def main():
         "settings": {s: dict(zip(("lr", "lam", "k", "layers", "epochs"), SETTINGS[s])) for s in names},
         "results": rows,
         "train_reports": reports,
-        "command": "python " + " ".join(sys.argv),
+        "command": command_line(),
         "machine": f"CPU ({platform.processor() or platform.machine()}), {torch.get_num_threads()} torch threads, "
                    f"{os.cpu_count()} cores",
         "date": datetime.date.today().isoformat(),

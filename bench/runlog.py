@@ -8,8 +8,10 @@ import time
 
 
 def command_line() -> str:
-    """The command that ran this script, with the OMP_NUM_THREADS it really ran under (not a fixed guess)."""
-    return f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} python " + " ".join(sys.argv)
+    """The command that ran this script, with the OMP_NUM_THREADS it really ran under (not a fixed guess) and the
+    script's path from the repository root (``bench/...``), whatever the working directory was."""
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    return f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')} python " + " ".join([script] + sys.argv[1:])
 
 
 class RunLog:
